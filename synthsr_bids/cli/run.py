@@ -1,0 +1,185 @@
+"""``synthsr-bids`` entry point: parse -> config -> participant | group."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from synthsr_bids import __version__
+from synthsr_bids.config import RunConfig
+from synthsr_bids.errors import ExitCode, OutputError, SynthSRBidsError, UsageError, ValidationFailedError
+
+LOGGER = logging.getLogger("synthsr_bids")
+LOG_FORMAT = "%(asctime)s [%(levelname)s] %(message)s"
+
+
+def setup_logging(verbosity: int, log_file: Path | None = None) -> None:
+    """Console logging (INFO, -v DEBUG, -vv DEBUG for libraries too) and a run log file."""
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_synthsr_bids", False):
+            root.removeHandler(handler)
+    package_level = logging.DEBUG if verbosity >= 1 else logging.INFO
+    root.setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
+    LOGGER.setLevel(package_level)
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(LOG_FORMAT, datefmt="%H:%M:%S"))
+    console._synthsr_bids = True  # type: ignore[attr-defined]
+    root.addHandler(console)
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler._synthsr_bids = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+
+
+def _prepare_output(config: RunConfig) -> Path:
+    """Create the output and work folders; return the run's log file."""
+    try:
+        config.output_dir.mkdir(parents=True, exist_ok=True)
+        config.work_dir.mkdir(parents=True, exist_ok=True)
+        logs = config.output_dir / "logs"
+        logs.mkdir(exist_ok=True)
+        probe = logs / f".write-test-{config.run_id}"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write to {exc.filename or config.output_dir}: {exc.strerror or exc}. "
+            "Choose a writable output_dir (and -w/--work-dir), or fix its permissions "
+            "(in a container, mount it read-write)."
+        ) from exc
+    return logs / f"run-{config.run_id}.log"
+
+
+def _validate_input(config: RunConfig) -> None:
+    from synthsr_bids.validation import ValidatorUnavailableError, validate_dataset
+
+    if config.skip_bids_validation:
+        LOGGER.info("BIDS validation skipped (--skip-bids-validation)")
+        return
+    started = time.perf_counter()
+    try:
+        report = validate_dataset(config.bids_dir)
+    except ValidatorUnavailableError as exc:
+        raise UsageError(str(exc)) from exc
+    if report.errors:
+        raise ValidationFailedError(
+            "the input dataset is not valid BIDS:\n"
+            + report.summary()
+            + "\nFix the dataset, or run with --skip-bids-validation at your own risk."
+        )
+    LOGGER.info(
+        "BIDS validation passed (%d warnings) in %.1f s",
+        len(report.warnings),
+        time.perf_counter() - started,
+    )
+
+
+def run_participant(config: RunConfig) -> ExitCode:
+    from synthsr_bids import pipeline
+    from synthsr_bids.discovery import find_scans
+    from synthsr_bids.inference.device import resolve_device
+    from synthsr_bids.models.registry import ModelNotAvailableError
+    from synthsr_bids.models.weights import WeightFileError
+
+    _validate_input(config)
+    scans = find_scans(config)
+    subjects = sorted({s.subject for s in scans})
+    LOGGER.info(
+        "%d scan(s) of %d participant(s) selected: %s",
+        len(scans),
+        len(subjects),
+        ", ".join(f"sub-{s}" for s in subjects),
+    )
+    pipeline.prepare_output_dataset(config, scans)
+    (config.output_dir / "logs" / f"config-{config.run_id}.json").write_text(config.dumps() + "\n")
+
+    if config.inference.nthreads:
+        import torch
+
+        torch.set_num_threads(config.inference.nthreads)
+    try:
+        network = pipeline.load_network(config)
+    except (ModelNotAvailableError, WeightFileError) as exc:
+        raise UsageError(str(exc)) from exc
+    device = resolve_device(config.inference.device)
+    LOGGER.info(
+        "model %s (sha256 %s..., %s) on %s",
+        network.info.name,
+        network.info.sha256[:12],
+        network.info.license,
+        device,
+    )
+    summary = pipeline.run_scans(scans, config=config, network=network, device=device)
+    LOGGER.info("participant level finished: %s; outputs in %s", pipeline.summarise(summary), config.output_dir)
+    if summary.failed:
+        LOGGER.error(
+            "%d scan(s) failed: %s",
+            len(summary.failed),
+            "; ".join(r.scan.relpath for r in summary.failed),
+        )
+        return ExitCode.SCAN_FAILED
+    return ExitCode.OK
+
+
+def run_group(config: RunConfig) -> ExitCode:
+    """Group level (reports and morphometry arrive with a later release): for now,
+    list what participant level wrote and which participants have no output."""
+    from synthsr_bids.errors import NoInputError
+
+    if not (config.output_dir / "dataset_description.json").is_file():
+        raise NoInputError(
+            f"{config.output_dir} holds no synthsr-bids derivatives: run the participant "
+            "level first"
+        )
+    images = sorted(config.output_dir.glob("sub-*/**/anat/*_desc-synthsr*_T1w.nii.gz"))
+    by_subject: dict[str, int] = {}
+    for image in images:
+        subject = image.name.split("_", 1)[0]
+        by_subject[subject] = by_subject.get(subject, 0) + 1
+    raw_subjects = sorted(p.name for p in config.bids_dir.glob("sub-*") if p.is_dir())
+    missing = [s for s in raw_subjects if s not in by_subject]
+    LOGGER.info(
+        "group level: %d synthetic T1w image(s) for %d participant(s); group reports, "
+        "morphometry and template-space maps are not implemented in this version",
+        len(images),
+        len(by_subject),
+    )
+    if missing:
+        LOGGER.warning("participants without outputs: %s", ", ".join(missing))
+    return ExitCode.OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from synthsr_bids.cli.parser import parse_args
+
+    config = parse_args(argv)
+    setup_logging(config.verbosity)
+    try:
+        if not config.bids_dir.is_dir():
+            from synthsr_bids.errors import NoInputError
+
+            raise NoInputError(f"the BIDS directory {config.bids_dir} does not exist")
+        log_file = _prepare_output(config)
+        setup_logging(config.verbosity, log_file)
+        LOGGER.info("synthsr-bids %s, run %s", __version__, config.run_id)
+        if config.analysis_level == "participant":
+            code = run_participant(config)
+        else:
+            code = run_group(config)
+    except SynthSRBidsError as exc:
+        LOGGER.error("%s", exc)
+        return int(exc.exit_code)
+    except KeyboardInterrupt:
+        LOGGER.error("interrupted")
+        return 130
+    return int(code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

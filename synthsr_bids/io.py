@@ -1,0 +1,240 @@
+"""Reading and writing images: nibabel, with the checks a clinical archive needs.
+
+:func:`load_scan` turns one NIfTI file into a :class:`LoadedScan` or raises
+:class:`~synthsr_bids.errors.BadInputError` naming the file, the problem and the
+fix. Recoverable oddities (NaNs, a 4D file, disagreeing qform/sform) become
+warnings carried with the scan and recorded in its sidecar.
+
+:func:`save_nifti_atomic` writes through a temporary file in the destination
+folder and renames it into place, so an interrupted run never leaves a partial
+file under the final name.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import logging
+import os
+import uuid
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import nibabel as nib
+import numpy as np
+
+from synthsr_bids.errors import BadInputError
+
+LOGGER = logging.getLogger(__name__)
+
+#: Voxel sizes outside this range (mm) are taken as a broken header.
+MIN_VOXEL_MM = 0.05
+MAX_VOXEL_MM = 20.0
+#: qform and sform further apart than this (mm, at the volume corners) are reported.
+QFORM_SFORM_TOLERANCE_MM = 0.1
+
+
+@dataclass(frozen=True)
+class LoadedScan:
+    """An input image ready for the pipeline."""
+
+    path: Path
+    data: np.ndarray
+    """3D float64 array (the first volume of a 4D file)."""
+    affine: np.ndarray
+    """4x4 voxel-to-world (RAS+ mm) matrix used for everything downstream."""
+    zooms: tuple[float, float, float]
+    shape: tuple[int, int, int]
+    axcodes: tuple[str, str, str]
+    warnings: tuple[str, ...] = ()
+    affine_source: str = "sform"
+
+
+def _corner_distance(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> float:
+    corners = np.array(
+        [[i, j, k, 1.0] for i in (0, shape[0] - 1) for j in (0, shape[1] - 1) for k in (0, shape[2] - 1)]
+    )
+    return float(np.max(np.linalg.norm((corners @ a.T - corners @ b.T)[:, :3], axis=1)))
+
+
+def _choose_affine(img: nib.Nifti1Image, path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, str, list[str]]:
+    """The affine nibabel would use (sform when its code is set, else qform), with a
+    warning when both are set and disagree."""
+    warnings: list[str] = []
+    header = img.header
+    sform, sform_code = header.get_sform(coded=True)
+    qform, qform_code = header.get_qform(coded=True)
+    if sform is not None and sform_code > 0:
+        affine, source = sform, "sform"
+        if qform is not None and qform_code > 0:
+            distance = _corner_distance(sform, qform, shape)
+            if distance > QFORM_SFORM_TOLERANCE_MM:
+                warnings.append(
+                    f"qform and sform disagree by up to {distance:.1f} mm; the sform is "
+                    "used (as nibabel, FSL and ANTs do)"
+                )
+    elif qform is not None and qform_code > 0:
+        affine, source = qform, "qform"
+    else:
+        affine, source = img.affine, "none"
+        warnings.append(
+            "neither qform nor sform is set: the image is assumed to be stored in "
+            "default (scanner-less) orientation; the output will not overlay other scans"
+        )
+    return np.asarray(affine, dtype=np.float64), source, warnings
+
+
+def load_scan(path: Path | str) -> LoadedScan:
+    """Load and check one NIfTI image (see module docstring)."""
+    path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise BadInputError(
+            path,
+            "is a broken symbolic link (a git-annex/DataLad file whose content is not here).",
+            "run `datalad get` on it, or exclude it with --bids-filter-file.",
+        )
+    if not path.exists():
+        raise BadInputError(path, "does not exist.")
+    size = path.stat().st_size
+    if size == 0:
+        raise BadInputError(
+            path,
+            "is an empty (0-byte) file, e.g. a placeholder left by a failed conversion.",
+            "re-convert it from DICOM, or exclude it with --bids-filter-file.",
+        )
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:
+        raise BadInputError(
+            path,
+            f"cannot be read as NIfTI ({exc.__class__.__name__}: {exc}).",
+            "check that the file is a complete NIfTI-1/2 image (re-convert it from DICOM).",
+        ) from exc
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise BadInputError(path, f"is a {type(img).__name__}, not a NIfTI image.")
+
+    warnings: list[str] = []
+    full_shape = tuple(int(n) for n in img.shape)
+    if len(full_shape) < 3:
+        raise BadInputError(path, f"is {len(full_shape)}D (shape {full_shape}); a 3D volume is needed.")
+    extra = full_shape[3:]
+    if any(n > 1 for n in extra[1:]):
+        raise BadInputError(path, f"has {len(full_shape)} dimensions (shape {full_shape}); only 3D or 4D images are supported.")
+    try:
+        if extra and extra[0] > 1:
+            warnings.append(
+                f"is 4D with {extra[0]} volumes; only the first volume is synthesised"
+            )
+        proxy = img.dataobj
+        data = np.asarray(proxy[(slice(None),) * 3 + (0,) * len(extra)], dtype=np.float64)
+    except (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError) as exc:
+        raise BadInputError(
+            path,
+            f"is truncated or corrupt: the voxel data cannot be read ({exc.__class__.__name__}: {exc}).",
+            "re-convert it from DICOM, or exclude it with --bids-filter-file.",
+        ) from exc
+    shape = tuple(int(n) for n in data.shape)
+    if min(shape) < 2:
+        raise BadInputError(
+            path,
+            f"has shape {shape}: a single slice cannot be turned into a 3D volume.",
+        )
+
+    affine, source, affine_warnings = _choose_affine(img, path, shape)
+    warnings.extend(affine_warnings)
+    if not np.all(np.isfinite(affine)):
+        raise BadInputError(path, "has a non-finite voxel-to-world affine.", "fix the header (e.g. with fslorient or nibabel).")
+    linear = affine[:3, :3]
+    zooms = tuple(float(z) for z in np.sqrt((linear**2).sum(axis=0)))
+    if abs(np.linalg.det(linear)) < 1e-6 or min(zooms) <= 0:
+        raise BadInputError(
+            path,
+            "has a degenerate voxel-to-world affine (zero determinant): voxel positions are undefined.",
+            "fix the qform/sform (e.g. with fslorient or nibabel).",
+        )
+    if min(zooms) < MIN_VOXEL_MM or max(zooms) > MAX_VOXEL_MM:
+        raise BadInputError(
+            path,
+            f"has implausible voxel sizes {tuple(round(z, 3) for z in zooms)} mm "
+            f"(expected {MIN_VOXEL_MM}-{MAX_VOXEL_MM} mm).",
+            "check the pixdim/affine in the header (units must be millimetres).",
+        )
+
+    finite = np.isfinite(data)
+    if not finite.all():
+        n_bad = int((~finite).sum())
+        if n_bad == data.size:
+            raise BadInputError(path, "contains no finite voxel (all NaN/Inf).")
+        warnings.append(f"{n_bad} NaN/Inf voxels were set to 0")
+        data = np.where(finite, data, 0.0)
+    if float(data.max()) == float(data.min()):
+        raise BadInputError(path, f"is constant (every voxel is {data.flat[0]:g}); there is no image to synthesise from.")
+
+    axcodes = tuple(nib.orientations.aff2axcodes(affine))
+    for message in warnings:
+        LOGGER.warning("%s: %s", path.name, message)
+    return LoadedScan(
+        path=path,
+        data=data,
+        affine=affine,
+        zooms=zooms,  # type: ignore[arg-type]
+        shape=shape,  # type: ignore[arg-type]
+        axcodes=axcodes,  # type: ignore[arg-type]
+        warnings=tuple(warnings),
+        affine_source=source,
+    )
+
+
+def _temporary_sibling(path: Path) -> Path:
+    """A hidden temporary name in the same folder, keeping the extension (nibabel
+    chooses compression from it)."""
+    return path.with_name(f".tmp-{uuid.uuid4().hex[:12]}-{path.name}")
+
+
+def save_nifti_atomic(
+    data: np.ndarray,
+    affine: np.ndarray,
+    path: Path,
+    *,
+    dtype: Any = np.float32,
+    xform_code: int = 1,
+) -> None:
+    """Write a NIfTI image atomically (temporary sibling + ``os.replace``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
+    img.header.set_xyzt_units("mm")
+    img.set_qform(affine, code=xform_code)
+    img.set_sform(affine, code=xform_code)
+    tmp = _temporary_sibling(path)
+    try:
+        nib.save(img, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a text file atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
+    """Write a JSON file atomically (sorted keys are not forced: order is kept)."""
+    write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def remove_stale_temporaries(folder: Path, name: str) -> None:
+    """Delete temporaries of ``name`` left by a killed run."""
+    if folder.is_dir():
+        for leftover in folder.glob(f".tmp-*-{name}"):
+            leftover.unlink(missing_ok=True)

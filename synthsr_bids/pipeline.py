@@ -1,0 +1,277 @@
+"""The participant level: every selected scan through load -> synthesise -> write.
+
+One bad scan never stops the others: its error is logged (with a crash report
+for unexpected errors) and the run's exit code says that something failed.
+Finished scans are skipped on rerun when their sidecar records the same source,
+model and settings, unless ``--overwrite``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from synthsr_bids.config import RunConfig
+from synthsr_bids.derivatives import dataset as shared_files
+from synthsr_bids.derivatives.naming import OutputPaths, desc_for, description_for, output_paths
+from synthsr_bids.derivatives.sidecars import (
+    ModelInfo,
+    build_sidecar,
+    file_sha256,
+    provenance,
+    provenance_matches,
+    zooms_of,
+)
+from synthsr_bids.discovery import ScanInput
+from synthsr_bids.errors import BadInputError
+from synthsr_bids.io import load_scan, remove_stale_temporaries, save_nifti_atomic, write_json_atomic
+
+LOGGER = logging.getLogger(__name__)
+
+RESOLUTION_LABELS = {
+    "1": "1 mm isotropic grid of the synthetic T1w (SynthSR output)",
+    "native": "the grid of the source image (the synthetic T1w resampled onto it with trilinear interpolation)",
+}
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What happened to one scan."""
+
+    scan: ScanInput
+    status: str
+    """``written``, ``skipped`` or ``failed``."""
+    outputs: tuple[Path, ...] = ()
+    seconds: float = 0.0
+    error: str | None = None
+    crash_file: Path | None = None
+
+
+@dataclass
+class Network:
+    """The loaded network and what the sidecars say about it."""
+
+    model: Any
+    info: ModelInfo
+    in_channels: int = 1
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    results: tuple[ScanResult, ...] = field(default_factory=tuple)
+
+    @property
+    def failed(self) -> tuple[ScanResult, ...]:
+        return tuple(r for r in self.results if r.status == "failed")
+
+    def counts(self) -> dict[str, int]:
+        counts = {"written": 0, "skipped": 0, "failed": 0}
+        for result in self.results:
+            counts[result.status] += 1
+        return counts
+
+
+def load_network(config: RunConfig) -> Network:
+    """Resolve ``--model`` (never downloads) and load the weights."""
+    from synthsr_bids.models.registry import models_cache_dir, resolve_model
+    from synthsr_bids.models.weights import load_weights
+
+    resolved = resolve_model(config.inference.model)
+    cache = models_cache_dir() / "converted"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+        probe = cache / ".write-test"
+        probe.touch()
+        probe.unlink()
+    except OSError:
+        cache = config.work_dir / "converted_models"
+    loaded = load_weights(resolved.path, cache_dir=cache)
+    spec = resolved.spec
+    info = ModelInfo(
+        name=resolved.name,
+        sha256=resolved.sha256,
+        license=resolved.license,
+        version=str(getattr(spec, "version", "") or ""),
+    )
+    return Network(model=loaded.model, info=info, in_channels=loaded.config.in_channels)
+
+
+def _crash_file(config: RunConfig, scan: ScanInput) -> Path:
+    folder = config.output_dir / f"sub-{scan.subject}" / "log" / config.run_id
+    return folder / f"crash-{Path(scan.relpath).name.split('.')[0]}.txt"
+
+
+def _write_outputs(
+    scan: ScanInput,
+    paths: OutputPaths,
+    *,
+    config: RunConfig,
+    network: Network,
+    device: str,
+    prov: dict[str, Any],
+) -> tuple[Path, ...]:
+    from synthsr_bids.inference.predict import SynthesisOptions, resample_to_grid, synthesize
+
+    started = time.perf_counter()
+    loaded = load_scan(scan.path)
+    load_seconds = time.perf_counter() - started
+    options = SynthesisOptions(
+        flip=config.inference.flip,
+        sharpen=config.inference.sharpen,
+        ct=config.inference.ct,
+        device=device,
+        half=config.inference.half,
+    )
+    result = synthesize(loaded.data, loaded.affine, network.model, options)
+    timings = {"load": load_seconds, **result.timings}
+
+    for folder_path in paths.images():
+        remove_stale_temporaries(folder_path.parent, folder_path.name)
+    write_started = time.perf_counter()
+    save_nifti_atomic(result.data, result.affine, paths.t1w)
+    written: list[Path] = [paths.t1w]
+    native = None
+    if paths.native_t1w is not None:
+        native = resample_to_grid(result.data, result.affine, loaded.shape, loaded.affine, order=1)
+        save_nifti_atomic(native, loaded.affine, paths.native_t1w)
+        written.append(paths.native_t1w)
+    timings["write"] = time.perf_counter() - write_started
+    runtime = time.perf_counter() - started
+
+    common = dict(
+        source_relpath=scan.relpath,
+        source_suffix=scan.suffix,
+        input_zooms=loaded.zooms,
+        input_shape=loaded.shape,
+        input_axcodes=loaded.axcodes,
+        affine_source=loaded.affine_source,
+        model=network.info,
+        prov=prov,
+        device=result.device,
+        precision="float16-autocast" if (config.inference.half and result.device.startswith("cuda")) else "float32",
+        timings=timings,
+        runtime_seconds=runtime,
+        warnings=loaded.warnings,
+        notes=result.notes,
+        software=shared_files.software_versions(),
+        command_line=config.command_line,
+    )
+    labels = RESOLUTION_LABELS if paths.native_t1w is not None else None
+    # The sidecar of the 1 mm image is written last: it marks the scan as done.
+    if paths.native_sidecar is not None and native is not None:
+        write_json_atomic(
+            paths.native_sidecar,
+            build_sidecar(
+                **common,
+                output_shape=native.shape,
+                output_zooms=zooms_of(loaded.affine),
+                resolution="native",
+                resolution_labels=labels,
+            ),
+        )
+        written.append(paths.native_sidecar)
+    write_json_atomic(
+        paths.sidecar,
+        build_sidecar(
+            **common,
+            output_shape=result.data.shape,
+            output_zooms=zooms_of(result.affine),
+            resolution="1" if labels else None,
+            resolution_labels=labels,
+        ),
+    )
+    written.append(paths.sidecar)
+    LOGGER.debug("%s: stage seconds %s", scan.label, {k: round(v, 2) for k, v in timings.items()})
+    return tuple(written)
+
+
+def process_scan(scan: ScanInput, *, config: RunConfig, network: Network, device: str) -> ScanResult:
+    """Synthesise one scan; never raises for a problem with this scan."""
+    started = time.perf_counter()
+    paths = output_paths(config.output_dir, scan.entities, scan.suffix, native_grid=config.native_grid)
+    try:
+        source_hash = file_sha256(scan.path) if scan.path.exists() else ""
+        prov = provenance(
+            source_relpath=scan.relpath,
+            source_sha256=source_hash,
+            model=network.info,
+            flip=config.inference.flip,
+            sharpen=config.inference.sharpen,
+            ct=config.inference.ct,
+            native_grid=config.native_grid,
+        )
+        if (
+            not config.overwrite
+            and all(p.is_file() for p in paths.images())
+            and provenance_matches(paths.sidecar, prov)
+        ):
+            return ScanResult(scan, "skipped", paths.images(), time.perf_counter() - started)
+        outputs = _write_outputs(scan, paths, config=config, network=network, device=device, prov=prov)
+        return ScanResult(scan, "written", outputs, time.perf_counter() - started)
+    except BadInputError as exc:
+        return ScanResult(scan, "failed", (), time.perf_counter() - started, error=str(exc))
+    except Exception as exc:  # one bad scan must not stop the others
+        crash = _crash_file(config, scan)
+        try:
+            crash.parent.mkdir(parents=True, exist_ok=True)
+            crash.write_text(
+                f"scan: {scan.path}\nrun: {config.run_id}\ncommand: {' '.join(config.command_line)}\n\n"
+                + traceback.format_exc()
+            )
+        except OSError:
+            crash = None
+        return ScanResult(
+            scan,
+            "failed",
+            (),
+            time.perf_counter() - started,
+            error=f"{scan.path}: unexpected {exc.__class__.__name__}: {exc}",
+            crash_file=crash,
+        )
+
+
+def prepare_output_dataset(config: RunConfig, scans: Sequence[ScanInput]) -> None:
+    """Create the shared top-level files (safe under concurrent jobs)."""
+    shared_files.ensure_dataset_description(config.output_dir, config.bids_dir)
+    shared_files.add_descriptions(
+        config.output_dir, {desc_for(s.suffix): description_for(s.suffix) for s in scans}
+    )
+    shared_files.ensure_bidsignore(config.output_dir)
+
+
+def run_scans(
+    scans: Sequence[ScanInput], *, config: RunConfig, network: Network, device: str
+) -> RunSummary:
+    """Process ``scans`` in order with a progress bar and one log line per scan."""
+    from tqdm import tqdm
+
+    results: list[ScanResult] = []
+    total = len(scans)
+    with tqdm(total=total, unit="scan", desc="synthsr-bids", disable=None, leave=False) as bar:
+        for index, scan in enumerate(scans, start=1):
+            result = process_scan(scan, config=config, network=network, device=device)
+            results.append(result)
+            prefix = f"[{index}/{total}] {scan.label}"
+            if result.status == "written":
+                LOGGER.info("%s: written in %.1f s -> %s", prefix, result.seconds, result.outputs[0].name)
+            elif result.status == "skipped":
+                LOGGER.info("%s: already done with the same model and settings, skipped (use --overwrite to redo)", prefix)
+            else:
+                LOGGER.error("%s: FAILED: %s", prefix, result.error)
+                if result.crash_file:
+                    LOGGER.error("%s: crash report: %s", prefix, result.crash_file)
+            bar.update(1)
+    return RunSummary(tuple(results))
+
+
+def summarise(summary: RunSummary) -> str:
+    counts = summary.counts()
+    return (
+        f"{counts['written']} written, {counts['skipped']} skipped (already done), "
+        f"{counts['failed']} failed"
+    )
+

@@ -1,0 +1,135 @@
+import os
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bids_builder import axis_affine, scan
+from synthsr_bids.errors import BadInputError
+from synthsr_bids.io import load_scan, save_nifti_atomic
+
+
+def _save(tmp_path, data, affine, name="img.nii.gz"):
+    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), None)
+    img.set_sform(affine, code=1)  # sform only: nibabel refuses degenerate qforms
+    img.set_qform(None, code=0)
+    path = tmp_path / name
+    nib.save(img, str(path))
+    return path
+
+
+def test_loads_values_affine_and_orientation(tmp_path):
+    img = scan("FLAIR", zooms=(1, 1, 4), axcodes="LAS")
+    path = tmp_path / "a.nii.gz"
+    nib.save(img, str(path))
+    loaded = load_scan(path)
+    assert loaded.data.dtype == np.float64
+    np.testing.assert_allclose(loaded.data, img.get_fdata())
+    np.testing.assert_allclose(loaded.affine, img.affine)
+    assert loaded.axcodes == ("L", "A", "S")
+    assert loaded.zooms == pytest.approx((1, 1, 4))
+    assert loaded.warnings == ()
+
+
+def test_zero_byte_file(tmp_path):
+    path = tmp_path / "empty.nii.gz"
+    path.write_bytes(b"")
+    with pytest.raises(BadInputError, match="0-byte") as excinfo:
+        load_scan(path)
+    assert excinfo.value.path == path and "Fix:" in str(excinfo.value)
+
+
+def test_truncated_gzip(tmp_path):
+    path = _save(tmp_path, np.random.rand(20, 20, 20), np.eye(4))
+    path.write_bytes(path.read_bytes()[:400])
+    with pytest.raises(BadInputError, match="truncated or corrupt|cannot be read"):
+        load_scan(path)
+
+
+def test_not_nifti(tmp_path):
+    path = tmp_path / "x.nii"
+    path.write_text("hello world, I am not an image" * 20)
+    with pytest.raises(BadInputError, match="cannot be read as NIfTI"):
+        load_scan(path)
+
+
+def test_broken_symlink_mentions_datalad(tmp_path):
+    link = tmp_path / "annexed.nii.gz"
+    os.symlink(tmp_path / "missing-object", link)
+    with pytest.raises(BadInputError, match="datalad get"):
+        load_scan(link)
+
+
+def test_4d_uses_first_volume_with_warning(tmp_path):
+    data = np.stack([np.full((6, 6, 6), v) for v in (1.0, 2.0, 3.0)], axis=-1)
+    data[0, 0, 0, :] = 0
+    path = _save(tmp_path, data, np.eye(4))
+    loaded = load_scan(path)
+    assert loaded.shape == (6, 6, 6)
+    assert loaded.data[1, 1, 1] == 1.0
+    assert any("first volume" in w for w in loaded.warnings)
+
+
+def test_nan_inf_set_to_zero(tmp_path):
+    data = np.random.rand(8, 8, 8) + 1
+    data[0, 0, 0] = np.nan
+    data[1, 1, 1] = np.inf
+    loaded = load_scan(_save(tmp_path, data, np.eye(4)))
+    assert loaded.data[0, 0, 0] == 0 and loaded.data[1, 1, 1] == 0
+    assert np.isfinite(loaded.data).all()
+    assert any("2 NaN/Inf" in w for w in loaded.warnings)
+
+
+@pytest.mark.parametrize(
+    "data,affine,match",
+    [
+        (np.random.rand(8, 8, 8), np.diag([1.0, 1.0, 0.0, 1.0]), "degenerate"),
+        (np.random.rand(8, 8, 8), np.diag([1.0, 1.0, 50.0, 1.0]), "implausible voxel sizes"),
+        (np.random.rand(8, 8, 8), np.diag([0.01, 1.0, 1.0, 1.0]), "implausible voxel sizes"),
+        (np.ones((8, 8, 8)), np.eye(4), "constant"),
+        (np.full((8, 8, 8), np.nan), np.eye(4), "no finite voxel"),
+        (np.random.rand(8, 8, 1), np.eye(4), "single slice"),
+    ],
+)
+def test_refused_images(tmp_path, data, affine, match):
+    with pytest.raises(BadInputError, match=match):
+        load_scan(_save(tmp_path, data, affine))
+
+
+def test_qform_sform_disagreement_reports_sform(tmp_path):
+    img = nib.Nifti1Image(np.random.rand(10, 10, 10).astype(np.float32), np.eye(4))
+    shifted = np.eye(4)
+    shifted[0, 3] = 5.0
+    img.set_sform(np.eye(4), code=1)
+    img.set_qform(shifted, code=1)
+    path = tmp_path / "q.nii.gz"
+    nib.save(img, str(path))
+    loaded = load_scan(path)
+    np.testing.assert_allclose(loaded.affine, np.eye(4))
+    assert loaded.affine_source == "sform"
+    assert any("sform is used" in w for w in loaded.warnings)
+
+
+def test_qform_only(tmp_path):
+    affine = axis_affine((2, 2, 2), "LPS")
+    img = nib.Nifti1Image(np.random.rand(10, 10, 10).astype(np.float32), affine)
+    img.set_sform(None, code=0)
+    img.set_qform(affine, code=1)
+    path = tmp_path / "q.nii"
+    nib.save(img, str(path))
+    loaded = load_scan(path)
+    assert loaded.affine_source == "qform"
+    np.testing.assert_allclose(loaded.affine, affine, atol=1e-5)
+
+
+def test_save_atomic_roundtrip_and_no_leftovers(tmp_path):
+    data = np.random.rand(5, 6, 7)
+    affine = axis_affine((1, 1, 1), "LIA")
+    out = tmp_path / "sub" / "x.nii.gz"
+    save_nifti_atomic(data, affine, out)
+    back = nib.load(str(out))
+    np.testing.assert_allclose(back.get_fdata(), data.astype(np.float32))
+    np.testing.assert_allclose(back.affine, affine)
+    assert back.get_data_dtype() == np.float32
+    assert int(back.header["sform_code"]) == 1 and int(back.header["qform_code"]) == 1
+    assert sorted(p.name for p in out.parent.iterdir()) == ["x.nii.gz"]
