@@ -30,6 +30,9 @@ def phantom_labels(shape_mm: Sequence[int] = (48, 56, 44)) -> np.ndarray:
     labels[radius < 0.6] = 3
     lesion = ((grid[0] - 0.3) ** 2 + grid[1] ** 2 + (grid[2] - 0.1) ** 2) < 0.15**2
     labels[lesion] = 4
+    # an off-centre fluid-filled box breaks every mirror symmetry
+    box = (grid[0] > -0.55) & (grid[0] < -0.15) & (grid[1] > 0.05) & (grid[1] < 0.45) & (grid[2] > 0.1) & (grid[2] < 0.5)
+    labels[box] = 1
     return labels
 
 

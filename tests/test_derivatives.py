@@ -97,7 +97,7 @@ def test_shared_files_survive_concurrent_jobs(tmp_path):
     assert description["DatasetType"] == "derivative"
     rows = (out / "descriptions.tsv").read_text().splitlines()
     assert rows[0] == "desc_id\tdescription"
-    assert sorted(rows[1:]) == sorted(f"synthsr{i}x{r}\tjob {i} round {r}" for i in range(4) for r in range(5))
+    assert sorted(rows[1:]) == sorted(f"desc-synthsr{i}x{r}\tjob {i} round {r}" for i in range(4) for r in range(5))
     ignore = (out / ".bidsignore").read_text().splitlines()
     assert sorted(ignore) == sorted(set(ignore))
     assert {f"job{i}/" for i in range(4)} <= set(ignore)

@@ -42,7 +42,7 @@ Exit codes: 0 ok, 1 some scan failed (the others were written), 16 BIDS validati
 failed, 64 usage error, 65 bad input data, 66 nothing selected, 73 cannot create output.
 """
 
-_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?|mps)$")
+_DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
 _LABEL_RE = re.compile(r"^[A-Za-z0-9]+$")
 
 

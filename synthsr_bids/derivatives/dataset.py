@@ -144,8 +144,15 @@ def _merge_until_present(path: Path, render, present, attempts: int = 5) -> None
 
 
 def add_descriptions(output_dir: Path, descriptions: Mapping[str, str]) -> Path:
-    """Add ``desc`` rows to ``descriptions.tsv`` (keeps rows written by other jobs)."""
+    """Add ``desc`` rows to ``descriptions.tsv`` (keeps rows written by other jobs).
+
+    Keys are ``desc`` labels; the ``desc_id`` column holds ``desc-<label>`` as the
+    specification (and the validator) requires.
+    """
     path = output_dir / "descriptions.tsv"
+    descriptions = {
+        (key if key.startswith("desc-") else f"desc-{key}"): value for key, value in descriptions.items()
+    }
 
     def render() -> str:
         rows = _read_descriptions(path)

@@ -130,8 +130,8 @@ def build_sidecar(
         "Warnings": list(warnings),
         "Notes": list(notes),
         "Provenance": dict(prov),
+        "Software": dict(software),
     }
-    sidecar["SoftwareVersions"] = dict(software)
     sidecar["CommandLine"] = " ".join(command_line)
     sidecar["DateProcessed"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     return sidecar

@@ -1,0 +1,289 @@
+"""End to end: the real CLI on tiny BIDS datasets with small real model files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bids_builder import CLEAN_LAYOUT, add_broken_scans, build_clean_dataset
+from models_builder import identity_unet, random_unet, write_model
+from synthsr_bids.cli.run import main
+from synthsr_bids.validation import validate_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tree_digest(root: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def _make_read_only(root: Path) -> None:
+    for path in [root, *root.rglob("*")]:
+        mode = path.stat().st_mode
+        path.chmod(mode & ~(stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH))
+
+
+def _make_writable(root: Path) -> None:
+    for path in [root, *root.rglob("*")]:
+        path.chmod(path.stat().st_mode | stat.S_IWUSR)
+
+
+def _expected_name(relpath: str, res: str | None = None) -> str:
+    parts = relpath.split("/")
+    name = parts[-1].split(".")[0]
+    entities, suffix = name.rsplit("_", 1)
+    extra = (f"_res-{res}" if res else "") + f"_desc-synthsr{suffix}"
+    return "/".join(parts[:-1] + [f"{entities}{extra}_T1w.nii.gz"])
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "identity": write_model(identity_unet(), root / "identity.safetensors"),
+        "random": write_model(random_unet(), root / "random.safetensors"),
+    }
+
+
+@pytest.fixture(scope="module")
+def clean_run(tmp_path_factory, models):
+    """One validated participant-level run over the clean dataset, input read-only."""
+    root = tmp_path_factory.mktemp("clean")
+    bids = build_clean_dataset(root / "ds")
+    before = _tree_digest(bids)
+    _make_read_only(bids)
+    out = root / "ds-derivatives" / "synthsr"
+    argv = [str(bids), str(out), "participant", "--model", str(models["random"]), "--nthreads", "1",
+            "-w", str(root / "work")]
+    try:
+        code = main(argv)
+    finally:
+        _make_writable(bids)
+    return {"bids": bids, "out": out, "code": code, "before": before, "argv": argv}
+
+
+def test_exit_code_and_input_untouched(clean_run):
+    assert clean_run["code"] == 0
+    assert _tree_digest(clean_run["bids"]) == clean_run["before"]
+
+
+def test_every_scan_has_outputs_with_bids_names(clean_run):
+    out = clean_run["out"]
+    images = sorted(str(p.relative_to(out)) for p in out.rglob("*_T1w.nii.gz"))
+    assert images == sorted(_expected_name(r) for r in CLEAN_LAYOUT)
+    for image in images:
+        assert (out / image.replace(".nii.gz", ".json")).is_file()
+    assert not list(out.rglob(".tmp-*"))
+
+
+def test_outputs_are_1mm_images_covering_the_input(clean_run):
+    bids, out = clean_run["bids"], clean_run["out"]
+    for relpath in CLEAN_LAYOUT:
+        source = nib.load(str(bids / relpath))
+        output = nib.load(str(out / _expected_name(relpath)))
+        assert output.get_data_dtype() == np.float32
+        np.testing.assert_allclose(output.header.get_zooms(), (1, 1, 1), atol=1e-5)
+        expected_shape = np.ceil(np.array(source.shape) * np.array(source.header.get_zooms())).astype(int)
+        assert output.shape == tuple(expected_shape)
+        # same voxel axes as the input, same field of view in world space
+        assert nib.aff2axcodes(output.affine) == nib.aff2axcodes(source.affine)
+
+        def fov(img):
+            corners = np.array([[i, j, k] for i in (-0.5, img.shape[0] - 0.5)
+                                for j in (-0.5, img.shape[1] - 0.5) for k in (-0.5, img.shape[2] - 0.5)])
+            world = nib.affines.apply_affine(img.affine, corners)
+            return world.min(axis=0), world.max(axis=0)
+
+        for a, b in zip(fov(source), fov(output)):
+            np.testing.assert_allclose(a, b, atol=1.0)
+        data = output.get_fdata()
+        assert np.isfinite(data).all() and data.std() > 0
+
+
+def test_sidecars_say_how_the_image_was_made(clean_run, models):
+    out = clean_run["out"]
+    model_sha = hashlib.sha256(models["random"].read_bytes()).hexdigest()
+    relpath = "sub-01/ses-1/anat/sub-01_ses-1_run-01_T2w.nii"
+    sidecar = json.loads((out / _expected_name(relpath).replace(".nii.gz", ".json")).read_text())
+    assert sidecar["Sources"] == [f"bids:raw:{relpath}"]
+    assert sidecar["SpatialReference"] == f"bids:raw:{relpath}"
+    assert sidecar["SkullStripped"] is False
+    info = sidecar["SynthSR"]
+    assert info["InputContrast"] == "T2w"
+    assert info["InputVoxelSizeMM"] == [1.0, 3.0, 1.0]
+    assert info["InputOrientation"] == "LAS"
+    assert info["Model"]["SHA256"] == model_sha and info["Model"]["Name"] == "random"
+    assert info["TestTimeFlipping"] is True and info["Sharpening"] is True and info["CTClipping"] is False
+    assert info["Device"] == "cpu" and info["RuntimeSeconds"] > 0
+    assert {"load", "write"} <= set(info["StageSeconds"])
+    assert info["Software"]["synthsr-bids"] and info["Software"]["torch"]
+    assert "participant" in sidecar["CommandLine"]
+    assert sidecar["DateProcessed"].startswith("20")
+
+
+def test_dataset_level_files(clean_run):
+    out = clean_run["out"]
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["DatasetLinks"]["raw"] == clean_run["bids"].as_uri()
+    rows = (out / "descriptions.tsv").read_text().splitlines()
+    assert rows[0] == "desc_id\tdescription"
+    assert sorted(r.split("\t")[0] for r in rows[1:]) == ["desc-synthsrFLAIR", "desc-synthsrT1w", "desc-synthsrT2w"]
+    assert "logs/" in (out / ".bidsignore").read_text()
+    assert list((out / "logs").glob("run-*.log")) and list((out / "logs").glob("config-*.json"))
+
+
+def test_derivatives_pass_the_official_validator(clean_run):
+    report = validate_dataset(clean_run["out"])
+    assert report.errors == (), report.summary()
+
+
+def test_rerun_skips_and_overwrite_redoes(clean_run, caplog):
+    out = clean_run["out"]
+    image = out / _expected_name("sub-02/ses-1/anat/sub-02_ses-1_FLAIR.nii.gz")
+    stamp = image.stat().st_mtime_ns
+    argv = clean_run["argv"] + ["--participant-label", "02", "--skip-bids-validation"]
+    with caplog.at_level(logging.INFO, logger="synthsr_bids"):
+        assert main(argv) == 0
+    assert "skipped" in caplog.text
+    assert image.stat().st_mtime_ns == stamp
+    assert main(argv + ["--overwrite"]) == 0
+    assert image.stat().st_mtime_ns != stamp
+
+
+def test_changed_settings_are_recomputed(clean_run):
+    out = clean_run["out"]
+    sidecar = out / _expected_name("sub-02/ses-1/anat/sub-02_ses-1_FLAIR.nii.gz").replace(".nii.gz", ".json")
+    argv = clean_run["argv"] + ["--participant-label", "02", "--skip-bids-validation", "--disable-flipping"]
+    assert main(argv) == 0
+    assert json.loads(sidecar.read_text())["SynthSR"]["TestTimeFlipping"] is False
+
+
+def test_interrupted_scan_is_redone(clean_run):
+    """An image without its sidecar (run killed before the sidecar) is not taken as done."""
+    out = clean_run["out"]
+    image = out / _expected_name("sub-02/ses-1/anat/sub-02_ses-1_FLAIR.nii.gz")
+    sidecar = Path(str(image).replace(".nii.gz", ".json"))
+    sidecar.unlink()
+    leftover = image.with_name(".tmp-deadbeef0000-" + image.name)
+    leftover.write_bytes(b"partial")
+    assert main(clean_run["argv"] + ["--participant-label", "02", "--skip-bids-validation"]) == 0
+    assert sidecar.is_file() and not leftover.exists()
+
+
+def test_identity_model_overlays_input_in_world_space(tmp_path, models):
+    """With a network that returns its input, the res-native output must match the input
+    voxel by voxel (up to SynthSR's 0..128 clipping), for every storage orientation."""
+    bids = build_clean_dataset(tmp_path / "ds")
+    out = tmp_path / "out"
+    code = main([str(bids), str(out), "participant", "--model", str(models["identity"]), "--native-grid",
+                 "--disable-sharpening", "--skip-bids-validation", "--nthreads", "1"])
+    assert code == 0
+    for relpath in CLEAN_LAYOUT:
+        source = nib.load(str(bids / relpath))
+        native = nib.load(str(out / _expected_name(relpath, res="native")))
+        one_mm = nib.load(str(out / _expected_name(relpath, res="1")))
+        assert native.shape == source.shape
+        np.testing.assert_allclose(native.affine, source.affine, atol=1e-4)
+        np.testing.assert_allclose(one_mm.header.get_zooms(), (1, 1, 1), atol=1e-5)
+        x = source.get_fdata()
+        expected = np.clip(255 * (x - x.min()) / (x.max() - x.min()), 0, 128)
+        got = native.get_fdata()
+        inside = (expected > 5) & (expected < 120)
+        r = np.corrcoef(expected[inside], got[inside])[0, 1]
+        assert r > 0.98, (relpath, r)
+        assert np.abs(expected - got)[inside].mean() < 6.0, relpath  # out of 128 (trilinear round trip)
+        for axis in range(3):  # a mirrored result would not pass
+            assert np.corrcoef(expected[inside], np.flip(got, axis)[inside])[0, 1] < 0.95
+        sidecar = json.loads((out / _expected_name(relpath, res="native").replace(".nii.gz", ".json")).read_text())
+        assert sidecar["Resolution"]["native"].startswith("the grid of the source")
+    assert validate_dataset(out).errors == ()
+
+
+def test_bad_scans_fail_alone(tmp_path, models, caplog):
+    bids = build_clean_dataset(tmp_path / "ds", layout={
+        "sub-01/ses-1/anat/sub-01_ses-1_FLAIR.nii.gz": ("FLAIR", (1, 1, 3), "RAS")})
+    broken = add_broken_scans(bids)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="synthsr_bids"):
+        code = main([str(bids), str(out), "participant", "--model", str(models["random"]),
+                     "--skip-bids-validation", "--nthreads", "1"])
+    assert code == 1
+    assert str(broken["empty"]) in caplog.text and "0-byte" in caplog.text
+    assert str(broken["corrupt"]) in caplog.text
+    written = sorted(p.name for p in out.rglob("*_T1w.nii.gz"))
+    assert written == ["sub-01_ses-1_desc-synthsrFLAIR_T1w.nii.gz", "sub-03_ses-1_desc-synthsrFLAIR_T1w.nii.gz"]
+    assert "1 failed" not in caplog.text and "2 failed" in caplog.text
+
+
+def test_invalid_dataset_exits_16(tmp_path, models):
+    bids = build_clean_dataset(tmp_path / "ds", layout={
+        "sub-01/anat/sub-01_FLAIR.nii.gz": ("FLAIR", (1, 1, 3), "RAS")})
+    (bids / "sub-01" / "anat" / "sub-01_FLAIR.nii.gz").write_bytes(b"")
+    assert main([str(bids), str(tmp_path / "out"), "participant", "--model", str(models["random"])]) == 16
+
+
+@pytest.mark.parametrize(
+    "setup,extra,code",
+    [
+        ("missing", [], 66),
+        ("not-bids", [], 65),
+        ("clean", ["--participant-label", "42"], 66),
+        ("clean", ["--contrasts", "angio"], 66),
+        ("clean", ["--model", "no-such-model"], 64),
+    ],
+)
+def test_exit_codes(tmp_path, models, setup, extra, code):
+    bids = tmp_path / "ds"
+    if setup == "not-bids":
+        bids.mkdir()
+    elif setup == "clean":
+        build_clean_dataset(bids, layout={"sub-01/anat/sub-01_T2w.nii.gz": ("T2w", (1, 1, 2), "RAS")})
+    argv = [str(bids), str(tmp_path / "out"), "participant", "--skip-bids-validation"]
+    if "--model" not in extra:
+        argv += ["--model", str(models["random"])]
+    assert main(argv + extra) == code
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
+def test_unwritable_output_exits_73(tmp_path, models):  # pragma: no cover - CI runs as root
+    bids = build_clean_dataset(tmp_path / "ds")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    assert main([str(bids), str(locked / "out"), "participant", "--skip-bids-validation"]) == 73
+
+
+def test_output_under_a_file_exits_73(tmp_path, models):
+    bids = build_clean_dataset(tmp_path / "ds", layout={"sub-01/anat/sub-01_T2w.nii.gz": ("T2w", (1, 1, 2), "RAS")})
+    blocker = tmp_path / "blocker"
+    blocker.write_text("a file where a folder should be")
+    argv = [str(bids), str(blocker / "out"), "participant", "--skip-bids-validation", "--model", str(models["random"])]
+    assert main(argv) == 73
+
+
+def test_group_level_reports_missing_participants(clean_run, caplog):
+    with caplog.at_level(logging.INFO, logger="synthsr_bids"):
+        assert main([str(clean_run["bids"]), str(clean_run["out"]), "group"]) == 0
+    assert "5 synthetic T1w image(s) for 2 participant(s)" in caplog.text
+
+
+def test_console_scripts_run():
+    version = subprocess.run([sys.executable, "-m", "synthsr_bids", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and "synthsr-bids" in version.stdout
+    helped = subprocess.run([sys.executable, str(REPO / "run.py"), "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "--participant-label" in helped.stdout
