@@ -9,6 +9,7 @@ model and settings, unless ``--overwrite``.
 from __future__ import annotations
 
 import logging
+import os
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -75,21 +76,32 @@ class RunSummary:
         return counts
 
 
-def load_network(config: RunConfig) -> Network:
-    """Resolve ``--model`` (never downloads) and load the weights."""
-    from synthsr_bids.models.registry import models_cache_dir, resolve_model
-    from synthsr_bids.models.weights import load_weights
+def _conversion_cache(sha256: str, work_dir: Path) -> Path:
+    """Where converted (.h5 -> safetensors) weights are cached: the models cache when it
+    already holds this model or is writable (e.g. baked into a read-only image), else the
+    work directory."""
+    from synthsr_bids.models.registry import models_cache_dir
 
-    resolved = resolve_model(config.inference.model)
     cache = models_cache_dir() / "converted"
+    if (cache / f"{sha256}.safetensors").is_file():
+        return cache
     try:
         cache.mkdir(parents=True, exist_ok=True)
-        probe = cache / ".write-test"
+        probe = cache / f".write-test-{os.getpid()}"
         probe.touch()
         probe.unlink()
     except OSError:
-        cache = config.work_dir / "converted_models"
-    loaded = load_weights(resolved.path, cache_dir=cache)
+        return work_dir / "converted_models"
+    return cache
+
+
+def load_network(config: RunConfig) -> Network:
+    """Resolve ``--model`` (never downloads) and load the weights."""
+    from synthsr_bids.models.registry import resolve_model
+    from synthsr_bids.models.weights import load_weights
+
+    resolved = resolve_model(config.inference.model)
+    loaded = load_weights(resolved.path, cache_dir=_conversion_cache(resolved.sha256, config.work_dir))
     spec = resolved.spec
     info = ModelInfo(
         name=resolved.name,
