@@ -1,0 +1,143 @@
+"""``python -m synthsr_bids.training {train,export,benchmark}``.
+
+* ``train``: run/resume the two-stage job of a TOML config (see ``configs/default.toml``) until it
+  is done, ``--max-steps`` or ``--max-minutes``; SIGTERM/SIGINT stop after the current step with a
+  checkpoint.
+* ``export``: write the regression weights of the newest checkpoint as float16 safetensors.
+* ``benchmark``: seconds per generator sample and per network step for the configured sizes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import statistics
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+LOGGER = logging.getLogger("synthsr_bids.training")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m synthsr_bids.training",
+                                     description="Train synthsr-bids' segmentation and regression U-Nets.",
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", type=Path, default=None, help="training TOML file (default: built-in defaults)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                       help="override one config value (TOML syntax), e.g. --set run.threads=1")
+        p.add_argument("-v", "--verbose", action="count", default=0)
+
+    train = sub.add_parser("train", help="run or resume training", formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common(train)
+    train.add_argument("--max-steps", type=int, default=None, help="stop after this many steps in this session")
+    train.add_argument("--max-minutes", type=float, default=None, help="stop after this many minutes")
+
+    export = sub.add_parser("export", help="export float16 regression weights from the newest checkpoint")
+    common(export)
+    export.add_argument("--output", type=Path, default=None, help="default: <run dir>/model.safetensors")
+
+    bench = sub.add_parser("benchmark", help="time the generator and the network steps")
+    common(bench)
+    bench.add_argument("--steps", type=int, default=5)
+    return parser
+
+
+def _setup_logging(verbose: int, log_file: Path | None) -> None:
+    level = logging.DEBUG if verbose > 0 else logging.INFO
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers,
+                        force=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from .config import ConfigError, load_config
+    from .loop import TrainingError, Trainer, export_from_checkpoint, latest_checkpoint
+
+    try:
+        config = load_config(args.config, overrides=args.overrides)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 64
+    run_dir = Path(config.run.dir).resolve()
+    try:
+        if args.command == "export":
+            _setup_logging(args.verbose, None)
+            ckpt = latest_checkpoint(run_dir)
+            if ckpt is None:
+                print(f"error: no checkpoint in {run_dir} (train first)", file=sys.stderr)
+                return 66
+            out = export_from_checkpoint(ckpt, args.output or run_dir / "model.safetensors")
+            print(out)
+            return 0
+        if args.command == "benchmark":
+            _setup_logging(args.verbose, None)
+            return _benchmark(config, args.steps)
+        _setup_logging(args.verbose, run_dir / "train.log")
+        trainer = Trainer(config)
+
+        def stop(signum: int, _frame: object) -> None:
+            LOGGER.warning("signal %d: stopping after the current step", signum)
+            trainer.stop_requested = True
+
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        summary = trainer.run(max_steps=args.max_steps, max_minutes=args.max_minutes)
+        LOGGER.info("session over: stage %s, global step %d (%d steps this session), checkpoint %s, model %s",
+                    summary.stage, summary.global_step, summary.steps_this_session, summary.checkpoint, summary.model)
+        return 0
+    except TrainingError as exc:
+        LOGGER.error("%s", exc)
+        return 65
+
+
+def _benchmark(config, steps: int) -> int:  # type: ignore[no-untyped-def]
+    """Print median seconds per generator sample and per network step (segmentation, regression)."""
+    import dataclasses
+
+    import torch
+
+    from .loop import Trainer
+
+    seg_steps = max(config.segmentation.steps, 1)
+    config = dataclasses.replace(config, segmentation=dataclasses.replace(config.segmentation, steps=seg_steps))
+    trainer = Trainer(config)
+    torch.set_num_threads(config.run.threads)
+    results = {}
+    for stage in ("segmentation", "regression"):
+        if stage == "regression":
+            # Freeze the (untrained) segmenter as stage 2 would, without touching the run directory.
+            assert trainer.segmenter is not None
+            trainer.segmenter.eval().requires_grad_(False)
+            trainer.stage, trainer.step = "regression", 0
+            trainer._new_regressor()
+        gen, net = [], []
+        for i in range(steps + 1):
+            t = time.perf_counter()
+            r = trainer.train_step()
+            if i:  # the first step warms up allocators and oneDNN kernels
+                gen.append(r.generator_seconds)
+                net.append(r.network_seconds)
+            LOGGER.info("%s step %d: generator %.2fs network %.2fs (total %.2fs)", stage, i, r.generator_seconds,
+                        r.network_seconds, time.perf_counter() - t)
+        results[stage] = (statistics.median(gen), statistics.median(net))
+    shape = "x".join(map(str, config.generator.crop_shape))
+    for stage, (g, n) in results.items():
+        cfg = config.segmentation if stage == "segmentation" else config.regression
+        print(f"{stage:13s} crop {shape} net {cfg.base_features}f/{cfg.n_levels}l threads {config.run.threads} "
+              f"autocast {config.run.autocast}: generator {g:.2f} s/sample, network {n:.2f} s/step (median of {steps})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

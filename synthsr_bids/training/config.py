@@ -1,0 +1,243 @@
+"""Training configuration: typed frozen sections read from one TOML file.
+
+Sections (see ``configs/default.toml``): ``[run]``, ``[data]``, ``[generator]`` (fields of
+:class:`~synthsr_bids.training.generator.GeneratorConfig`), ``[segmentation]`` and ``[regression]``.
+Relative paths are resolved against the directory of the TOML file. Unknown keys are errors
+(a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from .generator import GeneratorConfig
+
+__all__ = [
+    "ConfigError",
+    "RunSection",
+    "DataSection",
+    "NetworkStage",
+    "TrainingConfig",
+    "load_config",
+    "parse_override",
+]
+
+
+class ConfigError(ValueError):
+    """The training configuration is invalid; the message names the file and key."""
+
+
+@dataclass(frozen=True)
+class RunSection:
+    """Where and how the job runs."""
+
+    dir: Path = Path("training_runs/default")  #: run directory (checkpoints, logs, exports)
+    seed: int = 0
+    device: str = "cpu"  #: "cpu", "cuda", "cuda:1", ...
+    threads: int = 2  #: torch.set_num_threads
+    autocast: bool = True  #: bfloat16 autocast (CPU) / float16 (CUDA) for the networks
+    log_every: int = 10  #: steps between loss-log rows
+    checkpoint_every: int = 100  #: steps between checkpoints
+    checkpoint_minutes: float = 15.0  #: ... or minutes, whichever comes first
+    validate_every: int = 500  #: steps between validation passes
+    validation_samples: int = 5  #: fixed held-out samples (one per map, cycling)
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """Label maps and label/prior tables (empty path = the copy shipped in synthsr_bids/data/training)."""
+
+    training_maps: tuple[Path, ...] = ()  #: files or directories of *.nii / *.nii.gz
+    validation_maps: tuple[Path, ...] = ()
+    validation_aliases: Mapping[int, int] = field(default_factory=dict)  #: label -> generation label
+    validation_split_left_right: bool = False  #: maps with left labels on both sides
+    generation_labels: Path | None = None
+    random_classes: Path | None = None
+    contrast_classes: Path | None = None
+    segmentation_labels: Path | None = None
+    t1_mean_prior: Path | None = None
+    t1_std_prior: Path | None = None
+    contrast_priors: Path | None = None
+
+
+@dataclass(frozen=True)
+class NetworkStage:
+    """One U-Net and how long/fast it is trained."""
+
+    base_features: int = 16
+    n_levels: int = 4
+    feat_mult: int = 2
+    convs_per_level: int = 2
+    steps: int = 1000
+    lr: float = 1e-4
+    batch_size: int = 1
+    seg_loss_weight: float = 0.25  #: regression only: weight of the frozen segmenter's soft Dice
+    target_input_prob: float = 0.2  #: segmentation only: share of steps fed the clean T1 target
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    run: RunSection = RunSection()
+    data: DataSection = DataSection()
+    generator: GeneratorConfig = GeneratorConfig()
+    segmentation: NetworkStage = NetworkStage(steps=4000)
+    regression: NetworkStage = NetworkStage(steps=100000)
+    source: Path | None = None  #: the TOML file it was read from
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly dict (paths as strings), e.g. for the run directory's config record."""
+
+        def convert(value: Any) -> Any:
+            if dataclasses.is_dataclass(value):
+                return {f.name: convert(getattr(value, f.name)) for f in dataclasses.fields(value)}
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, Mapping):
+                return {str(k): convert(v) for k, v in value.items()}
+            if isinstance(value, (list, tuple)):
+                return [convert(v) for v in value]
+            return value
+
+        return convert(self)
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+
+_SECTIONS = ("run", "data", "generator", "segmentation", "regression")
+
+
+def _coerce(value: Any, annotation: Any, *, base: Path, where: str) -> Any:
+    """Turn a TOML value into the annotated field type."""
+    text = str(annotation)
+    if value is None:
+        return None
+    if "Path" in text and "tuple" in text:
+        items = value if isinstance(value, list) else [value]
+        return tuple(_path(v, base) for v in items)
+    if "Path" in text:
+        return None if value == "" else _path(value, base)
+    if "Mapping[int, int]" in text:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a table of label = label, got {value!r}")
+        return {int(k): int(v) for k, v in value.items()}
+    if text.startswith("tuple[tuple[str, float]"):
+        if isinstance(value, Mapping):
+            return tuple((str(k), float(v)) for k, v in value.items())
+        return tuple((str(k), float(v)) for k, v in value)
+    if text.startswith("tuple"):
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        inner = int if "int" in text and "float" not in text else float
+        return tuple(inner(v) for v in value)
+    if annotation is bool or text == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if annotation is int or text == "int":
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if annotation is float or text == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str or text == "str":
+        return str(value)
+    return value
+
+
+def _path(value: Any, base: Path) -> Path:
+    path = Path(str(value)).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _replace_section(default: Any, values: Mapping[str, Any], *, base: Path, where: str) -> Any:
+    """``default`` with ``values`` (TOML types, coerced to the field types) replaced."""
+    cls = type(default)
+    hints = get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; known keys: {sorted(names)}")
+    kwargs = {k: _coerce(v, hints[k], base=base, where=f"{where}.{k}") for k, v in values.items()}
+    try:
+        return dataclasses.replace(default, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{where}: {exc}") from exc
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """``"section.key=value"`` (value in TOML syntax, bare words are strings) -> (section, key, value)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. run.threads=2)")
+    dotted, raw = text.split("=", 1)
+    section, key = dotted.strip().split(".", 1)
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return section, key, value
+
+
+def load_config(path: Path | None, *, overrides: Sequence[str] = ()) -> TrainingConfig:
+    """Read a training TOML file (``None``: all defaults) and apply ``section.key=value`` overrides.
+
+    Overrides' relative paths are resolved against the current directory.
+    """
+    doc: dict[str, Any] = {}
+    base = Path.cwd()
+    where = "<defaults>"
+    if path is not None:
+        path = Path(path)
+        where = str(path)
+        try:
+            with path.open("rb") as fh:
+                doc = tomllib.load(fh)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"{path}: no such configuration file (see configs/default.toml)") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+        base = path.resolve().parent
+    unknown = sorted(set(doc) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(f"{where}: unknown section(s) {unknown}; known: {sorted(_SECTIONS)}")
+    defaults = TrainingConfig()
+    sections: dict[str, Any] = {}
+    for name in _SECTIONS:
+        table = doc.get(name, {})
+        if not isinstance(table, Mapping):
+            raise ConfigError(f"{where}: [{name}] must be a table")
+        sections[name] = _replace_section(getattr(defaults, name), table, base=base, where=f"{where} [{name}]")
+    for text in overrides:
+        section, key, value = parse_override(text)
+        if section not in _SECTIONS:
+            raise ConfigError(f"override {text!r}: unknown section {section!r}; known: {sorted(_SECTIONS)}")
+        sections[section] = _replace_section(sections[section], {key: value}, base=Path.cwd(), where=f"--set {section}")
+    config = TrainingConfig(**sections, source=path)
+    _validate(config, where)
+    return config
+
+
+def _validate(config: TrainingConfig, where: str) -> None:
+    run = config.run
+    for name in ("threads", "log_every", "checkpoint_every", "validate_every"):
+        if getattr(run, name) < 1:
+            raise ConfigError(f"{where} [run].{name} must be >= 1, got {getattr(run, name)}")
+    for stage_name in ("segmentation", "regression"):
+        stage: NetworkStage = getattr(config, stage_name)
+        if stage.steps < 0 or stage.batch_size < 1 or stage.lr <= 0:
+            raise ConfigError(f"{where} [{stage_name}]: steps >= 0, batch_size >= 1 and lr > 0 are required")
+        multiple = 2 ** (stage.n_levels - 1)
+        bad = [s for s in config.generator.crop_shape if s % multiple]
+        if bad:
+            raise ConfigError(
+                f"{where} [generator].crop_shape {config.generator.crop_shape} must be multiples of {multiple} "
+                f"(2**(n_levels-1) of the {stage_name} network)"
+            )

@@ -1,0 +1,629 @@
+"""The resumable two-stage training job: segmentation U-Net, then regression U-Net.
+
+Stage ``segmentation`` trains a softmax U-Net on generator inputs with a soft Dice loss; at its
+end the segmenter is written as ``segmenter.safetensors`` (float16) and read back, so every later
+step (in this process or after a resume) uses the very same frozen weights. Stage ``regression``
+trains the linear-head SynthSR U-Net with ``L1 + seg_loss_weight * soft Dice(segmenter(pred))``.
+
+The run directory holds:
+
+* ``ckpt-<global step>.pt``: the newest full checkpoint only (weights, optimiser, step, RNG
+  states), written atomically; plain tensors/containers, loaded with ``weights_only=True``;
+* ``segmenter.safetensors``: the frozen segmenter (after stage 1);
+* ``model.safetensors``: the regression weights as float16 (refreshed at every validation and at
+  the end; the file to ship);
+* ``loss.csv``, ``validation.csv`` (per structure Dice, L1) and ``config.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..models.network import SynthSRUNet, UNetConfig
+from ..models.weights import load_weights, save_safetensors, sha256_file
+from .config import NetworkStage, TrainingConfig
+from .generator import SynthBatch, SynthGenerator
+from .labels import (
+    ContrastPriors,
+    LabelScheme,
+    LabelVolume,
+    load_contrast_priors,
+    load_label_map,
+    load_label_scheme,
+)
+from .losses import SEG_INPUT_SCALE, hard_dice, regression_loss, softmax_dice_loss
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "TrainingError",
+    "StepResult",
+    "RunSummary",
+    "Trainer",
+    "find_label_maps",
+    "load_volumes",
+    "latest_checkpoint",
+    "export_regression",
+    "export_from_checkpoint",
+]
+
+LOGGER = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "synthsr-bids-training-checkpoint"
+CHECKPOINT_VERSION = 1
+_CKPT_RE = re.compile(r"^ckpt-(\d+)\.pt$")
+SEGMENTER_FILE = "segmenter.safetensors"
+MODEL_FILE = "model.safetensors"
+
+STAGES = ("segmentation", "regression", "done")
+
+#: FreeSurfer names of the segmentation labels (for validation.csv).
+_NAMES = {
+    0: "background", 2: "left-cerebral-white-matter", 3: "left-cerebral-cortex", 4: "left-lateral-ventricle",
+    5: "left-inf-lat-ventricle", 7: "left-cerebellum-white-matter", 8: "left-cerebellum-cortex",
+    10: "left-thalamus", 11: "left-caudate", 12: "left-putamen", 13: "left-pallidum", 14: "3rd-ventricle",
+    15: "4th-ventricle", 16: "brain-stem", 17: "left-hippocampus", 18: "left-amygdala", 24: "csf",
+    26: "left-accumbens", 28: "left-ventral-dc", 41: "right-cerebral-white-matter", 42: "right-cerebral-cortex",
+    43: "right-lateral-ventricle", 44: "right-inf-lat-ventricle", 46: "right-cerebellum-white-matter",
+    47: "right-cerebellum-cortex", 49: "right-thalamus", 50: "right-caudate", 51: "right-putamen",
+    52: "right-pallidum", 53: "right-hippocampus", 54: "right-amygdala", 58: "right-accumbens",
+    60: "right-ventral-dc",
+}
+
+
+class TrainingError(RuntimeError):
+    """The training job cannot go on; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class StepResult:
+    stage: str
+    step: int  #: 1-based step within the stage
+    global_step: int
+    loss: float
+    l1: float
+    dice_loss: float
+    generator_seconds: float
+    network_seconds: float
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    stage: str
+    global_step: int
+    steps_this_session: int
+    checkpoint: Path | None
+    model: Path | None
+
+
+# ---------------------------------------------------------------------------- data
+def find_label_maps(paths: Sequence[Path]) -> list[Path]:
+    """Expand files/directories into a sorted list of NIfTI label maps."""
+    found: list[Path] = []
+    for path in paths:
+        path = Path(path)
+        if path.is_dir():
+            found.extend(sorted(p for p in path.iterdir() if p.name.endswith((".nii", ".nii.gz"))))
+        elif path.is_file():
+            found.append(path)
+        else:
+            raise TrainingError(f"{path}: label map file or directory does not exist (fix [data] in the config)")
+    return found
+
+
+def load_volumes(
+    paths: Sequence[Path],
+    scheme: LabelScheme,
+    *,
+    aliases: dict[int, int] | None = None,
+    split_left_right: bool = False,
+) -> list[LabelVolume]:
+    files = find_label_maps(paths)
+    if not files:
+        raise TrainingError(f"no *.nii/*.nii.gz label maps in {[str(p) for p in paths]} (fix [data] in the config)")
+    volumes = []
+    for path in files:
+        volumes.append(load_label_map(path, scheme, aliases=aliases, split_left_right=split_left_right))
+        LOGGER.info("label map %s: %s voxels", path.name, "x".join(map(str, volumes[-1].indices.shape)))
+    return volumes
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    """The checkpoint with the highest global step in ``run_dir`` (None if there is none)."""
+    best: tuple[int, Path] | None = None
+    if not Path(run_dir).is_dir():
+        return None
+    for path in Path(run_dir).iterdir():
+        match = _CKPT_RE.match(path.name)
+        if match and (best is None or int(match.group(1)) > best[0]):
+            best = (int(match.group(1)), path)
+    return None if best is None else best[1]
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _unet_config(stage: NetworkStage, *, out_channels: int, activation: str) -> UNetConfig:
+    return UNetConfig(in_channels=1, out_channels=out_channels, n_levels=stage.n_levels,
+                      base_features=stage.base_features, feat_mult=stage.feat_mult,
+                      convs_per_level=stage.convs_per_level, final_activation=activation)
+
+
+def export_regression(model: SynthSRUNet, path: Path, *, metadata: dict[str, str]) -> Path:
+    """Write the regression U-Net as float16 safetensors (atomic) via models/weights.py."""
+    save_safetensors(model, path, metadata, dtype=torch.float16)
+    return path
+
+
+# ---------------------------------------------------------------------------- trainer
+class Trainer:
+    """Runs (and resumes) the two training stages described in the module docstring.
+
+    Args:
+        config: the training configuration.
+        volumes, validation_volumes: label maps; loaded from ``config.data`` when None.
+        scheme, contrasts: label tables and contrast priors; read from ``config.data`` when None.
+    """
+
+    def __init__(
+        self,
+        config: TrainingConfig,
+        *,
+        volumes: Sequence[LabelVolume] | None = None,
+        validation_volumes: Sequence[LabelVolume] | None = None,
+        scheme: LabelScheme | None = None,
+        contrasts: ContrastPriors | None = None,
+    ) -> None:
+        self.config = config
+        self.run_dir = Path(config.run.dir).resolve()
+        self.device = torch.device(config.run.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise TrainingError(f"[run].device is {config.run.device!r} but CUDA is not available (set device = \"cpu\")")
+        data = config.data
+        self.scheme = scheme or load_label_scheme(
+            generation_labels=data.generation_labels, random_classes=data.random_classes,
+            contrast_classes=data.contrast_classes, segmentation_labels=data.segmentation_labels,
+            t1_mean_prior=data.t1_mean_prior, t1_std_prior=data.t1_std_prior)
+        self.contrasts = contrasts or load_contrast_priors(data.contrast_priors, n_classes=self.scheme.n_contrast_classes)
+        if volumes is None:
+            volumes = load_volumes(data.training_maps, self.scheme)
+        if validation_volumes is None and data.validation_maps:
+            validation_volumes = load_volumes(data.validation_maps, self.scheme, aliases=dict(data.validation_aliases),
+                                              split_left_right=data.validation_split_left_right)
+        self.generator = SynthGenerator(volumes, self.scheme, self.contrasts, config.generator,
+                                        seed=config.run.seed, device=self.device)
+        self.validation_volumes = list(validation_volumes or [])
+        self._validation: list[SynthBatch] | None = None
+        self.stop_requested = False
+        self._last_validation = -1
+
+        n_seg = self.scheme.n_segmentation_labels
+        self.seg_config = _unet_config(config.segmentation, out_channels=n_seg, activation="softmax")
+        # Trained and used as a logits network; the softmax is fused into the loss (losses.py).
+        self._seg_logits_config = dataclasses.replace(self.seg_config, final_activation="linear")
+        self.reg_config = _unet_config(config.regression, out_channels=1, activation="linear")
+        self.stage = "segmentation" if config.segmentation.steps > 0 else "regression"
+        self.step = 0
+        self.global_step = 0
+        self.segmenter: SynthSRUNet | None = None
+        self.seg_opt: torch.optim.Optimizer | None = None
+        self.regressor: SynthSRUNet | None = None
+        self.reg_opt: torch.optim.Optimizer | None = None
+        torch.manual_seed(config.run.seed)
+        if self.stage == "segmentation":
+            self._new_segmenter()
+        else:
+            self._new_regressor()
+
+    # ------------------------------------------------------------------ networks
+    def _prepare(self, model: SynthSRUNet) -> SynthSRUNet:
+        return model.to(self.device).to(memory_format=torch.channels_last_3d)
+
+    def _new_segmenter(self) -> None:
+        self.segmenter = self._prepare(SynthSRUNet(self._seg_logits_config))
+        self.seg_opt = torch.optim.Adam(self.segmenter.parameters(), lr=self.config.segmentation.lr)
+
+    def _new_regressor(self) -> None:
+        self.regressor = self._prepare(SynthSRUNet(self.reg_config))
+        self.reg_opt = torch.optim.Adam(self.regressor.parameters(), lr=self.config.regression.lr)
+
+    def _load_frozen_segmenter(self) -> None:
+        path = self.run_dir / SEGMENTER_FILE
+        if not path.is_file():
+            raise TrainingError(f"{path}: the frozen segmenter is missing; delete the run directory's checkpoints "
+                                "to restart stage 1, or restore the file")
+        loaded = load_weights(path)
+        if loaded.config != self.seg_config:
+            raise TrainingError(f"{path}: segmenter {loaded.config} does not match [segmentation] {self.seg_config}")
+        logits_net = SynthSRUNet(self._seg_logits_config).load_for_inference(loaded.model.state_dict())
+        self.segmenter = logits_net.to(self.device)
+        self.seg_opt = None
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if not self.config.run.autocast:
+            return contextlib.nullcontext()
+        if self.device.type == "cpu":
+            return torch.autocast("cpu", dtype=torch.bfloat16)
+        if self.device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _to_net(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device).contiguous(memory_format=torch.channels_last_3d)
+
+    # ------------------------------------------------------------------ steps
+    def train_step(self) -> StepResult:
+        """One optimisation step of the current stage."""
+        if self.stage == "done":
+            raise TrainingError("training is finished; nothing to do")
+        stage_cfg = self.config.segmentation if self.stage == "segmentation" else self.config.regression
+        t0 = time.perf_counter()
+        batch = self.generator.generate(stage_cfg.batch_size)
+        t1 = time.perf_counter()
+        if self.stage == "segmentation":
+            assert self.segmenter is not None and self.seg_opt is not None
+            self.segmenter.train()
+            use_target = self.generator.rng.bernoulli(stage_cfg.target_input_prob)
+            x = batch.target * SEG_INPUT_SCALE if use_target else batch.input
+            self.seg_opt.zero_grad(set_to_none=True)
+            with self._autocast():
+                logits = self.segmenter(self._to_net(x))
+            loss = softmax_dice_loss(logits, batch.labels.to(self.device))
+            loss.backward()
+            self.seg_opt.step()
+            value = float(loss.detach())
+            l1, dice = math.nan, value
+        else:
+            assert self.regressor is not None and self.reg_opt is not None
+            self.regressor.train()
+            self.reg_opt.zero_grad(set_to_none=True)
+            with self._autocast():
+                pred = self.regressor(self._to_net(batch.input))
+                terms = regression_loss(pred, batch.target.to(self.device), batch.labels.to(self.device),
+                                        segmenter=self.segmenter, seg_weight=stage_cfg.seg_loss_weight)
+            terms.total.backward()
+            self.reg_opt.step()
+            value, l1, dice = float(terms.total.detach()), terms.l1, terms.dice_loss
+        t2 = time.perf_counter()
+        self.step += 1
+        self.global_step += 1
+        if not math.isfinite(value):
+            raise TrainingError(f"{self.stage} loss is {value} at step {self.step}; lower [{self.stage}].lr and "
+                                f"resume from the last checkpoint in {self.run_dir}")
+        return StepResult(self.stage, self.step, self.global_step, value, l1, dice, t1 - t0, t2 - t1)
+
+    def _finish_stage(self) -> None:
+        if self._last_validation != self.global_step:
+            self.validate()  # the final numbers of every stage are kept in validation.csv
+        if self.stage == "segmentation":
+            assert self.segmenter is not None
+            path = self.run_dir / SEGMENTER_FILE
+            softmax_net = SynthSRUNet(self.seg_config)
+            softmax_net.load_state_dict(self.segmenter.state_dict())
+            save_safetensors(softmax_net, path, {
+                "synthsr_bids.role": "segmenter", "synthsr_bids.steps": str(self.step),
+                "synthsr_bids.segmentation_labels": json.dumps(list(self.scheme.segmentation_labels)),
+            }, dtype=torch.float16)
+            LOGGER.info("segmentation stage finished after %d steps; frozen segmenter written to %s", self.step, path)
+            self._load_frozen_segmenter()
+            self.stage, self.step = "regression", 0
+            self._new_regressor()
+        elif self.stage == "regression":
+            self.export()
+            LOGGER.info("regression stage finished after %d steps", self.step)
+            self.stage = "done"
+
+    # ------------------------------------------------------------------ validation
+    def validation_batches(self) -> list[SynthBatch]:
+        """Fixed held-out samples (same seed every time, independent of the training RNG)."""
+        if self._validation is None:
+            if not self.validation_volumes:
+                self._validation = []
+            else:
+                gen = SynthGenerator(self.validation_volumes, self.scheme, self.contrasts, self.config.generator,
+                                     seed=self.config.run.seed + 7919, device=self.device)
+                n = self.config.run.validation_samples
+                self._validation = [gen.generate(1, volume_index=i % len(self.validation_volumes)) for i in range(n)]
+        return self._validation
+
+    @torch.no_grad()
+    def validate(self) -> dict[str, float]:
+        """Validation pass on the held-out maps; appends to validation.csv, returns summary numbers."""
+        batches = self.validation_batches()
+        if not batches or self.stage == "done":
+            return {}
+        self._last_validation = self.global_step
+        n_classes = self.scheme.n_segmentation_labels
+        dice_sum = torch.zeros(n_classes, dtype=torch.float64)
+        dice_count = torch.zeros(n_classes, dtype=torch.float64)
+        l1s, lesion_l1s = [], []
+        seg = self.segmenter
+        assert seg is not None or self.stage == "regression"
+        if seg is not None:
+            seg.eval()
+        if self.regressor is not None:
+            self.regressor.eval()
+        for batch in batches:
+            labels = batch.labels.to(self.device)
+            if self.stage == "segmentation":
+                x = batch.input
+            else:
+                assert self.regressor is not None
+                with self._autocast():
+                    pred = self.regressor(self._to_net(batch.input)).float()
+                target = batch.target.to(self.device)
+                l1s.append(float((pred - target).abs().mean()))
+                mask = batch.lesion_mask.to(self.device)
+                if bool(mask.any()):
+                    lesion_l1s.append(float((pred - target).abs()[mask].mean()))
+                x = pred * SEG_INPUT_SCALE
+            if seg is None:
+                continue
+            with self._autocast():
+                logits = seg(self._to_net(x))
+            dice, present = hard_dice(logits.argmax(1).cpu(), labels[:, 0].cpu(), n_classes)
+            dice_sum += torch.where(present, dice, torch.zeros_like(dice))
+            dice_count += present.double()
+        if self.regressor is not None:
+            self.regressor.train()
+        if seg is not None and self.stage == "segmentation":
+            seg.train()
+        rows: list[tuple[str, str, str, float]] = []
+        summary: dict[str, float] = {}
+        seg_labels = self.scheme.segmentation_labels
+        valid = dice_count > 0
+        for k in range(n_classes):
+            if valid[k] and seg_labels[k] != 0:
+                value = float(dice_sum[k] / dice_count[k])
+                rows.append(("dice", str(seg_labels[k]), _NAMES.get(seg_labels[k], f"label-{seg_labels[k]}"), value))
+        fg = [v for m, _, _, v in rows if m == "dice"]
+        if fg:
+            summary["mean_dice"] = float(np.mean(fg))
+            rows.append(("mean_dice", "", "all-foreground", summary["mean_dice"]))
+        if l1s:
+            summary["l1"] = float(np.mean(l1s))
+            rows.append(("l1", "", "all", summary["l1"]))
+        if lesion_l1s:
+            summary["l1_lesion"] = float(np.mean(lesion_l1s))
+            rows.append(("l1_lesion", "", "lesions", summary["l1_lesion"]))
+        path = self.run_dir / "validation.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as fh:
+            writer = csv.writer(fh)
+            if new:
+                writer.writerow(["global_step", "stage", "step", "metric", "label", "structure", "value"])
+            for metric, label, name, value in rows:
+                writer.writerow([self.global_step, self.stage, self.step, metric, label, name, f"{value:.6f}"])
+        LOGGER.info("validation at %s step %d: %s", self.stage, self.step,
+                    ", ".join(f"{k}={v:.4f}" for k, v in summary.items()))
+        return summary
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {
+            "format": CHECKPOINT_FORMAT,
+            "version": CHECKPOINT_VERSION,
+            "stage": self.stage,
+            "step": self.step,
+            "global_step": self.global_step,
+            "config": json.dumps(self.config.to_dict(), sort_keys=True),
+            "seg_config": json.dumps(self.seg_config.to_dict(), sort_keys=True),
+            "reg_config": json.dumps(self.reg_config.to_dict(), sort_keys=True),
+            "generator_rng": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        if self.stage == "segmentation":
+            assert self.segmenter is not None and self.seg_opt is not None
+            state["segmenter"] = _contiguous_state(self.segmenter.state_dict())
+            state["seg_opt"] = self.seg_opt.state_dict()
+        else:
+            seg_file = self.run_dir / SEGMENTER_FILE
+            state["segmenter_sha256"] = sha256_file(seg_file) if seg_file.is_file() else ""
+            if self.regressor is not None and self.reg_opt is not None:
+                state["regressor"] = _contiguous_state(self.regressor.state_dict())
+                state["reg_opt"] = self.reg_opt.state_dict()
+        return state
+
+    def save_checkpoint(self) -> Path:
+        """Write ``ckpt-<global step>.pt`` atomically and delete older checkpoints."""
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        path = self.run_dir / f"ckpt-{self.global_step:08d}.pt"
+        _atomic_torch_save(self.state_dict(), path)
+        for old in self.run_dir.iterdir():
+            if _CKPT_RE.match(old.name) and old != path:
+                old.unlink(missing_ok=True)
+        LOGGER.info("checkpoint %s (%.1f MB)", path, path.stat().st_size / 1e6)
+        return path
+
+    def load_checkpoint(self, path: Path) -> None:
+        """Restore everything saved by :meth:`save_checkpoint` (weights, optimiser, steps, RNG)."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # torch raises many types for corrupt/unsafe files
+            raise TrainingError(f"{path}: cannot read the checkpoint ({exc}); delete it to restart") from exc
+        if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+            raise TrainingError(f"{path}: not a synthsr-bids training checkpoint")
+        for key, mine in (("seg_config", self.seg_config), ("reg_config", self.reg_config)):
+            theirs = UNetConfig.from_dict(json.loads(state[key]))
+            if theirs != mine:
+                raise TrainingError(f"{path}: was written for {theirs}, the configuration asks for {mine}; use a new "
+                                    "[run].dir or restore the old network settings")
+        self.stage, self.step, self.global_step = state["stage"], int(state["step"]), int(state["global_step"])
+        if self.stage not in STAGES:
+            raise TrainingError(f"{path}: unknown stage {self.stage!r}")
+        self.generator.set_state(state["generator_rng"])
+        if self.stage == "segmentation":
+            self._new_segmenter()
+            assert self.segmenter is not None and self.seg_opt is not None
+            self.segmenter.load_state_dict(state["segmenter"])
+            self.seg_opt.load_state_dict(state["seg_opt"])
+            self.regressor, self.reg_opt = None, None
+        else:
+            if self.config.segmentation.steps > 0:
+                seg_file = self.run_dir / SEGMENTER_FILE
+                expected = state.get("segmenter_sha256", "")
+                if expected and seg_file.is_file() and sha256_file(seg_file) != expected:
+                    raise TrainingError(f"{seg_file}: does not match the checkpoint {path} (sha256 differs)")
+                self._load_frozen_segmenter()
+            else:
+                self.segmenter = None
+            self._new_regressor()
+            assert self.regressor is not None and self.reg_opt is not None
+            if "regressor" in state:
+                self.regressor.load_state_dict(state["regressor"])
+                self.reg_opt.load_state_dict(state["reg_opt"])
+        # Last: building the networks above drew their (discarded) initial weights from it.
+        torch.set_rng_state(state["torch_rng"])
+        LOGGER.info("resumed from %s: stage %s, step %d (global %d)", path, self.stage, self.step, self.global_step)
+
+    def export(self, path: Path | None = None) -> Path | None:
+        """Write the regression weights as float16 safetensors (``model.safetensors`` by default)."""
+        if self.regressor is None:
+            return None
+        path = Path(path) if path is not None else self.run_dir / MODEL_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        gen = self.config.generator
+        return export_regression(self.regressor, path, metadata={
+            "synthsr_bids.role": "regression",
+            "synthsr_bids.trained_steps": str(self.step if self.stage == "regression" else self.config.regression.steps),
+            "synthsr_bids.crop_shape": json.dumps(list(gen.crop_shape)),
+            "synthsr_bids.output_scale": "255",
+            "license": "Apache-2.0",
+            "description": "synthsr-bids regression U-Net trained on synthetic data (SynthSR method); "
+                           "input RAS 1 mm min-max [0,1], output x255 = synthetic T1w MPRAGE",
+        })
+
+    # ------------------------------------------------------------------ driver
+    def _log_rows(self, rows: list[StepResult]) -> None:
+        if not rows:
+            return
+        path = self.run_dir / "loss.csv"
+        new = not path.exists()
+        with path.open("a", newline="") as fh:
+            writer = csv.writer(fh)
+            if new:
+                writer.writerow(["time", "stage", "step", "global_step", "loss", "l1", "dice_loss",
+                                 "generator_s", "network_s"])
+            for r in rows:
+                writer.writerow([f"{time.time():.0f}", r.stage, r.step, r.global_step, f"{r.loss:.6f}",
+                                 "" if math.isnan(r.l1) else f"{r.l1:.6f}", f"{r.dice_loss:.6f}",
+                                 f"{r.generator_seconds:.3f}", f"{r.network_seconds:.3f}"])
+
+    def run(
+        self,
+        *,
+        max_steps: int | None = None,
+        max_minutes: float | None = None,
+        resume: bool = True,
+        on_step: Callable[[StepResult], None] | None = None,
+    ) -> RunSummary:
+        """Train until both stages are done, ``max_steps`` steps or ``max_minutes`` have passed.
+
+        Resumes from the newest checkpoint in the run directory (if ``resume``), and always leaves
+        a checkpoint of the last completed step behind.
+        """
+        torch.set_num_threads(self.config.run.threads)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "config.json").write_text(self.config.dumps() + "\n")
+        if resume:
+            latest = latest_checkpoint(self.run_dir)
+            if latest is not None:
+                self.load_checkpoint(latest)
+        run_cfg = self.config.run
+        start = time.monotonic()
+        last_ckpt_time = start
+        done_here = 0
+        pending: list[StepResult] = []
+        checkpoint: Path | None = None
+        dirty = False
+
+        def budget_left() -> bool:
+            if self.stop_requested:
+                return False
+            if max_steps is not None and done_here >= max_steps:
+                return False
+            return max_minutes is None or (time.monotonic() - start) / 60.0 < max_minutes
+
+        while self.stage != "done" and budget_left():
+            stage_cfg = self.config.segmentation if self.stage == "segmentation" else self.config.regression
+            if self.step >= stage_cfg.steps:
+                self._finish_stage()
+                checkpoint = self.save_checkpoint()
+                dirty = False
+                continue
+            result = self.train_step()
+            done_here += 1
+            dirty = True
+            pending.append(result)
+            if on_step is not None:
+                on_step(result)
+            if self.step % run_cfg.log_every == 0:
+                self._log_rows(pending)
+                LOGGER.info("%s step %d/%d: loss %.4f (generator %.2fs, network %.2fs)", self.stage, self.step,
+                            stage_cfg.steps, result.loss, result.generator_seconds, result.network_seconds)
+                pending = []
+            if self.step % run_cfg.validate_every == 0:
+                self.validate()
+                if self.stage == "regression":
+                    self.export()
+            if (self.step % run_cfg.checkpoint_every == 0
+                    or (time.monotonic() - last_ckpt_time) / 60.0 >= run_cfg.checkpoint_minutes):
+                self._log_rows(pending)
+                pending = []
+                checkpoint = self.save_checkpoint()
+                last_ckpt_time = time.monotonic()
+                dirty = False
+        self._log_rows(pending)
+        if dirty or checkpoint is None:
+            checkpoint = self.save_checkpoint()
+        model = self.export() if self.regressor is not None else None
+        return RunSummary(stage=self.stage, global_step=self.global_step, steps_this_session=done_here,
+                          checkpoint=checkpoint, model=model)
+
+
+def _contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """State dict with standard-layout CPU tensors (channels-last weights are stored contiguous)."""
+    return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
+
+
+def export_from_checkpoint(checkpoint: Path, output: Path) -> Path:
+    """Export the regression weights of a training checkpoint as float16 safetensors."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise TrainingError(f"{checkpoint}: cannot read the checkpoint ({exc})") from exc
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainingError(f"{checkpoint}: not a synthsr-bids training checkpoint")
+    if "regressor" not in state:
+        raise TrainingError(f"{checkpoint}: has no regression weights yet (stage {state.get('stage')!r}); "
+                            "train until the regression stage has started")
+    model = SynthSRUNet(UNetConfig.from_dict(json.loads(state["reg_config"])))
+    model.load_state_dict(state["regressor"])
+    return export_regression(model, Path(output), metadata={
+        "synthsr_bids.role": "regression",
+        "synthsr_bids.trained_steps": str(int(state["step"])),
+        "license": "Apache-2.0",
+    })

@@ -1,0 +1,237 @@
+"""Tests of the training job (tiny nets, phantoms): loss goes down, exact resume, export, CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from synthsr_bids.models.network import SynthSRUNet, UNetConfig
+from synthsr_bids.models.weights import load_weights
+from synthsr_bids.training.config import ConfigError, load_config
+from synthsr_bids.training.generator import GeneratorConfig
+from synthsr_bids.training.labels import label_volume_from_array, load_label_scheme
+from synthsr_bids.training.loop import CHECKPOINT_FORMAT, Trainer, latest_checkpoint
+from synthsr_bids.training.losses import hard_dice, soft_dice, soft_dice_loss, softmax_dice_loss
+from synthsr_bids.training.phantoms import head_phantom
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def scheme():
+    return load_label_scheme()
+
+
+@pytest.fixture(scope="module")
+def volumes(scheme):
+    maps = [head_phantom((36, 36, 36)), head_phantom((40, 36, 38))]
+    return [label_volume_from_array(m, scheme, name=f"phantom{i}") for i, m in enumerate(maps)]
+
+
+def tiny_config(run_dir: Path, *, seg_steps: int = 3, reg_steps: int = 4, **run) -> object:
+    config = load_config(None, overrides=[
+        f"run.dir={str(run_dir)!r}", "run.threads=1", "run.seed=11", "run.log_every=1",
+        "run.checkpoint_every=1000", "run.validate_every=1000", "run.validation_samples=2",
+        f"segmentation.steps={seg_steps}", "segmentation.base_features=4", "segmentation.n_levels=2",
+        "segmentation.lr=1e-3",
+        f"regression.steps={reg_steps}", "regression.base_features=4", "regression.n_levels=2",
+        "regression.lr=1e-3",
+    ])
+    gen = dataclasses.replace(config.generator, crop_shape=(16, 16, 16))
+    config = dataclasses.replace(config, generator=gen, run=dataclasses.replace(config.run, **run))
+    return config
+
+
+def make_trainer(config, volumes):
+    return Trainer(config, volumes=volumes, validation_volumes=volumes[:1])
+
+
+# ---------------------------------------------------------------------------- losses
+def test_soft_dice_is_one_for_a_perfect_prediction_and_fused_gradient_matches_autograd():
+    labels = torch.randint(0, 4, (2, 1, 5, 6, 7), generator=torch.Generator().manual_seed(0))
+    onehot = torch.nn.functional.one_hot(labels[:, 0], 4).permute(0, 4, 1, 2, 3).float()
+    assert torch.allclose(soft_dice(onehot, labels), torch.ones(2, 4))
+    assert float(soft_dice_loss(onehot, labels)) == pytest.approx(0.0, abs=1e-6)
+    # p = 0.5 everywhere, labels (0, 0, 0, 1): class 0 has 2 * 1.5 / (4 * 0.25 + 3) = 3/4,
+    # class 1 has 2 * 0.5 / (4 * 0.25 + 1) = 1/2
+    lab = torch.tensor([0, 0, 0, 1]).view(1, 1, 2, 2, 1)
+    uniform = torch.full((1, 2, 2, 2, 1), 0.5)
+    assert torch.allclose(soft_dice(uniform, lab, eps=0.0), torch.tensor([[0.75, 0.5]]))
+    logits = torch.randn(2, 4, 5, 6, 7, dtype=torch.float64, requires_grad=True)
+    ref = soft_dice_loss(torch.softmax(logits, 1), labels)
+    (g_ref,) = torch.autograd.grad(ref, logits)
+    fused = softmax_dice_loss(logits, labels)
+    (g_fused,) = torch.autograd.grad(fused, logits)
+    assert float(fused.detach()) == pytest.approx(float(ref.detach()), rel=1e-6)
+    assert torch.allclose(g_fused, g_ref, atol=1e-8, rtol=1e-4)
+
+
+def test_hard_dice_per_class():
+    truth = torch.tensor([0, 0, 1, 1, 2, 2])
+    pred = torch.tensor([0, 1, 1, 1, 0, 0])
+    dice, present = hard_dice(pred, truth, 4)
+    assert dice.tolist() == pytest.approx([2 * 1 / (3 + 2), 2 * 2 / (3 + 2), 0.0, 1.0])
+    assert present.tolist() == [True, True, True, False]
+
+
+# ---------------------------------------------------------------------------- config
+def test_default_config_file_parses_and_is_consistent():
+    config = load_config(REPO / "configs" / "default.toml")
+    assert config.regression.base_features == 16 and config.regression.n_levels == 4
+    assert config.regression.lr == pytest.approx(1e-4) and config.regression.seg_loss_weight == 0.25
+    assert config.run.dir == (REPO / "training_runs" / "default").resolve()
+    assert config.data.training_maps[0].name == "label_maps"
+    assert config.data.validation_aliases == {29: 2, 31: 4}
+    assert dict(config.generator.contrast_probs)["random"] == 0.5
+    assert config.generator.crop_shape == (96, 96, 96)
+
+
+def test_config_errors_name_the_file_and_key(tmp_path: Path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[regression]\nbase_featurs = 8\n")
+    with pytest.raises(ConfigError, match=r"bad\.toml.*base_featurs"):
+        load_config(bad)
+    bad.write_text("[generator]\ncrop_shape = [20, 20, 20]\n")
+    with pytest.raises(ConfigError, match=r"multiples of 8"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(None, overrides=["threads=2"])
+
+
+# ---------------------------------------------------------------------------- training
+def test_tiny_training_reduces_the_loss(tmp_path: Path, volumes):
+    config = tiny_config(tmp_path / "run", seg_steps=0, reg_steps=40)
+    # an easy, fixed task: no spatial/intensity randomness, so the loss curve is not noise
+    still = GeneratorConfig(crop_shape=(16, 16, 16), scaling=(1.0, 1.0), rotation_deg=0.0, shear=0.0,
+                            translation_mm=0.0, svf_std_max=0.0, flip_prob=0.0, skull_strip_prob=0.0,
+                            contrast_probs=(("t1", 1.0),), isotropic_prob=1.0, bias_std_max=0.0, gamma_std=0.0,
+                            noise_max=0.0, plaque_prob=0.0, stroke_prob=0.0, tumour_prob=0.0)
+    config = dataclasses.replace(config, generator=still,
+                                 regression=dataclasses.replace(config.regression, lr=3e-3))
+    trainer = make_trainer(config, volumes)
+    losses = []
+    summary = trainer.run(on_step=lambda r: losses.append(r.loss))
+    assert summary.stage == "done" and len(losses) == 40
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
+
+
+def test_segmentation_stage_reduces_the_dice_loss(tmp_path: Path, volumes):
+    config = tiny_config(tmp_path / "run", seg_steps=30, reg_steps=0)
+    still = GeneratorConfig(crop_shape=(16, 16, 16), scaling=(1.0, 1.0), rotation_deg=0.0, shear=0.0,
+                            translation_mm=0.0, svf_std_max=0.0, flip_prob=0.0, contrast_probs=(("t1", 1.0),),
+                            isotropic_prob=1.0, plaque_prob=0.0, stroke_prob=0.0, tumour_prob=0.0)
+    config = dataclasses.replace(config, generator=still,
+                                 segmentation=dataclasses.replace(config.segmentation, lr=1e-2))
+    losses = []
+    make_trainer(config, volumes).run(max_steps=30, on_step=lambda r: losses.append(r.loss))
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.02
+
+
+@pytest.mark.parametrize("stop_at", [2, 5])  # inside stage 1, and inside stage 2 (after the freeze)
+def test_resume_restores_exactly(tmp_path: Path, volumes, stop_at: int):
+    run_a, run_b = tmp_path / "a", tmp_path / "b"
+    config_a = tiny_config(run_a)
+    first = make_trainer(config_a, volumes).run(max_steps=stop_at)
+    assert first.global_step == stop_at
+    assert latest_checkpoint(run_a).name == f"ckpt-{stop_at:08d}.pt"
+    shutil.copytree(run_a, run_b)
+    # A continues in a fresh process-like trainer too; B resumes from the copied run directory.
+    cont_a: list[float] = []
+    make_trainer(config_a, volumes).run(max_steps=2, on_step=lambda r: cont_a.append(r.loss))
+    cont_b: list[float] = []
+    make_trainer(tiny_config(run_b), volumes).run(max_steps=2, on_step=lambda r: cont_b.append(r.loss))
+    assert len(cont_a) == 2 and cont_a == cont_b
+    # ... and the same as a run that never stopped
+    straight: list[float] = []
+    make_trainer(tiny_config(tmp_path / "c"), volumes).run(max_steps=stop_at + 2,
+                                                            on_step=lambda r: straight.append(r.loss))
+    assert straight[-2:] == cont_a
+
+
+def test_checkpoint_contents_size_and_single_file(tmp_path: Path, volumes):
+    config = tiny_config(tmp_path / "run", seg_steps=2, reg_steps=3, checkpoint_every=1)
+    trainer = make_trainer(config, volumes)
+    summary = trainer.run()
+    files = sorted(p.name for p in (tmp_path / "run").iterdir())
+    assert [f for f in files if f.startswith("ckpt-")] == ["ckpt-00000005.pt"]
+    for name in ("segmenter.safetensors", "model.safetensors", "loss.csv", "validation.csv", "config.json"):
+        assert name in files
+    state = torch.load(summary.checkpoint, map_location="cpu", weights_only=True)
+    assert state["format"] == CHECKPOINT_FORMAT and state["stage"] == "done" and state["step"] == 3
+    assert set(state["regressor"]) == set(trainer.regressor.state_dict())
+    assert len(state["reg_opt"]["state"]) == len(list(trainer.regressor.parameters()))
+    log = (tmp_path / "run" / "loss.csv").read_text().splitlines()
+    assert log[0].startswith("time,stage,step") and len(log) == 1 + 5
+    assert [row.split(",")[1] for row in log[1:]] == ["segmentation"] * 2 + ["regression"] * 3
+
+
+def test_validation_writes_dice_per_structure(tmp_path: Path, volumes):
+    config = tiny_config(tmp_path / "run", seg_steps=2, reg_steps=2, validate_every=2)
+    make_trainer(config, volumes).run()
+    rows = (tmp_path / "run" / "validation.csv").read_text().splitlines()
+    assert rows[0] == "global_step,stage,step,metric,label,structure,value"
+    seg_rows = [r.split(",") for r in rows[1:] if r.split(",")[1] == "segmentation"]
+    structures = {r[5] for r in seg_rows if r[3] == "dice"}
+    assert {"left-cerebral-white-matter", "right-cerebral-white-matter"} <= structures
+    assert all(0.0 <= float(r[6]) <= 1.0 for r in seg_rows)
+    reg_metrics = {r.split(",")[3] for r in rows[1:] if r.split(",")[1] == "regression"}
+    assert {"l1", "mean_dice"} <= reg_metrics
+
+
+def test_exported_safetensors_loads_into_synthsrunet(tmp_path: Path, volumes):
+    config = tiny_config(tmp_path / "run", seg_steps=1, reg_steps=3)
+    trainer = make_trainer(config, volumes)
+    summary = trainer.run()
+    loaded = load_weights(summary.model)
+    assert loaded.config == UNetConfig(base_features=4, n_levels=2, final_activation="linear")
+    assert loaded.metadata["synthsr_bids.role"] == "regression"
+    raw = summary.model.read_bytes()
+    assert b'"F16"' in raw  # stored as float16
+    # same numbers as the trained regressor with its weights rounded to float16
+    reference = SynthSRUNet(loaded.config)
+    reference.load_state_dict({k: v.half().float() for k, v in trainer.regressor.state_dict().items()})
+    reference.eval()
+    x = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), reference(x), atol=1e-5)
+
+
+def test_command_line_train_and_export(tmp_path: Path):
+    maps = tmp_path / "maps"
+    maps.mkdir()
+    for i, shape in enumerate([(36, 36, 36), (38, 36, 36)]):
+        nib.save(nib.Nifti1Image(head_phantom(shape), np.eye(4)), maps / f"seg_{i}.nii.gz")
+    left_only = np.where(np.isin(head_phantom((36, 36, 36)), [41, 42]), 2, head_phantom((36, 36, 36)))
+    nib.save(nib.Nifti1Image(left_only.astype(np.int32), np.eye(4)), maps / "val.nii")
+    (tmp_path / "val").mkdir()
+    (maps / "val.nii").rename(tmp_path / "val" / "val.nii")
+    toml = tmp_path / "train.toml"
+    toml.write_text(
+        '[run]\ndir = "run"\nthreads = 1\nlog_every = 1\nvalidate_every = 2\nvalidation_samples = 1\n'
+        '[data]\ntraining_maps = ["maps"]\nvalidation_maps = ["val"]\nvalidation_split_left_right = true\n'
+        '[generator]\ncrop_shape = [16, 16, 16]\n'
+        '[segmentation]\nbase_features = 4\nn_levels = 2\nsteps = 2\n'
+        '[regression]\nbase_features = 4\nn_levels = 2\nsteps = 2\n'
+    )
+    cmd = [sys.executable, "-m", "synthsr_bids.training"]
+    done = subprocess.run(cmd + ["train", "--config", str(toml)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "session over: stage done, global step 4" in done.stderr
+    run = tmp_path / "run"
+    assert (run / "train.log").is_file() and latest_checkpoint(run).name == "ckpt-00000004.pt"
+    out = tmp_path / "exported.safetensors"
+    done = subprocess.run(cmd + ["export", "--config", str(toml), "--output", str(out)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert load_weights(out).config.base_features == 4
+    bad = subprocess.run(cmd + ["train", "--config", str(toml), "--set", "regression.bogus=1"], capture_output=True,
+                         text=True, timeout=300)
+    assert bad.returncode == 64 and "bogus" in bad.stderr
