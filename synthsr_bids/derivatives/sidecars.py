@@ -7,7 +7,6 @@ settings (see :func:`provenance_matches`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -15,6 +14,8 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from synthsr_bids.hashing import sha256_file as file_sha256  # noqa: F401 (re-exported)
 
 
 @dataclass(frozen=True)
@@ -25,14 +26,6 @@ class ModelInfo:
     sha256: str
     license: str
     version: str = ""
-
-
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def bids_uri(relpath: str, dataset: str = "raw") -> str:

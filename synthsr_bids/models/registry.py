@@ -26,6 +26,8 @@ from importlib import resources
 from pathlib import Path
 from types import MappingProxyType
 
+from synthsr_bids.hashing import sha256_file
+
 __all__ = [
     "BUNDLED_MODELS_DIR",
     "DEFAULT_MODEL",
@@ -297,12 +299,8 @@ def user_model_path(name: str, cache_dir: Path | None = None) -> Path | None:
 
 
 def hash_file(path: Path) -> str:
-    """SHA-256 hex digest of a file, read in 1 MiB chunks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+    """SHA-256 hex digest of a file (no record)."""
+    return sha256_file(path)
 
 
 def _record_path(path: Path, cache_dir: Path) -> Path:

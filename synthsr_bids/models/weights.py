@@ -15,7 +15,6 @@ configuration inferred from the file, and values must be finite.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ import torch
 from torch import Tensor
 
 from synthsr_bids import __version__
+from synthsr_bids.hashing import sha256_file
 from synthsr_bids.models.network import SynthSRUNet, UNetConfig
 
 __all__ = [
@@ -410,15 +410,6 @@ def _read_safetensors(path: Path) -> tuple[SynthSRUNet, dict[str, str]]:
 
 
 # ---------------------------------------------------------------------------- loading
-def sha256_file(path: Path, *, chunk_size: int = 1 << 20) -> str:
-    """Hex SHA-256 of a file, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _sniff(path: Path) -> str:
     with open(path, "rb") as handle:
         head = handle.read(9)
