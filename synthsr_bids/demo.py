@@ -157,6 +157,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     LOGGER.info("demo dataset with %d scans written to %s", len(images), raw)
     if opts.build_only:
         return 0
+    from synthsr_bids.models.registry import ModelNotAvailableError, resolve_model
+
+    try:
+        resolve_model(opts.model)
+    except ModelNotAvailableError as exc:
+        print(f"\nThe demo dataset is ready in {raw}, but no model is available to run it:\n  {exc}")
+        return 64
     from synthsr_bids.cli.run import main as run_main
 
     args = [str(raw), str(out), "participant"]
