@@ -49,6 +49,35 @@ class InferenceSettings:
     """fp16 autocast on CUDA (ignored on CPU)."""
 
 
+#: TemplateFlow template used by the group level unless ``--template`` says otherwise.
+DEFAULT_TEMPLATE = "MNI152NLin2009cAsym"
+
+
+@dataclass(frozen=True)
+class DownstreamSettings:
+    """What is done with the synthetic images: reports, segmentation and lesion masks
+    (participant level), template registration and population maps (group level)."""
+
+    reports: bool = True
+    """Write the HTML reports (``sub-<label>.html``, ``group.html``) and their figures."""
+    segmentation: bool = True
+    """Segment each synthetic T1w when a segmentation model is available."""
+    segmentation_model: str | None = None
+    """Registered name or path of the segmentation U-Net; ``None`` uses the registered
+    default when it is installed, else segmentation is skipped (with a log line)."""
+    lesion_masks: Path | None = None
+    """Extra folder (BIDS-like, ``sub-<label>/[ses-<label>/]anat/``) searched for lesion masks
+    besides the raw dataset's ``*_label-lesion_roi``/``*_label-lesion_mask`` files."""
+    template: str = DEFAULT_TEMPLATE
+    """TemplateFlow template the group level registers to."""
+    template_resolution: int = 1
+    """TemplateFlow ``res-`` index of the template image."""
+    registration: bool = True
+    """Group level: register every synthetic T1w to the template (ANTsPy)."""
+    registration_type: str = "SyN"
+    """``SyN`` (affine then SyN) or ``Affine``."""
+
+
 @dataclass(frozen=True)
 class RunConfig:
     """Everything one invocation of ``synthsr-bids`` needs."""
@@ -74,6 +103,8 @@ class RunConfig:
     verbosity: int = 0
     command_line: tuple[str, ...] = ()
     run_id: str = ""
+    downstream: DownstreamSettings = field(default_factory=DownstreamSettings)
+    """Reports, segmentation, lesion masks and the group level's template-space analyses."""
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-friendly dictionary (paths as strings)."""

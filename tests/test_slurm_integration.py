@@ -221,7 +221,7 @@ def test_slurm_array_then_group_job(cluster, tmp_path):
             "--cpus", "1", "--mem", "900M", "--time", "00:30:00",
             "--group-mem", "500M", "--work-root", str(tmp_path / "node-tmp"),
             "--submit", "--",
-            "--model", str(model), "--skip-bids-validation",
+            "--model", str(model), "--skip-bids-validation", "--skip-registration",
         ],
         env=cluster.env, capture_output=True, text=True, timeout=120,
     )

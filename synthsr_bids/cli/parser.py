@@ -19,7 +19,13 @@ from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from synthsr_bids import __version__
-from synthsr_bids.config import DEFAULT_CONTRASTS, InferenceSettings, RunConfig
+from synthsr_bids.config import (
+    DEFAULT_CONTRASTS,
+    DEFAULT_TEMPLATE,
+    DownstreamSettings,
+    InferenceSettings,
+    RunConfig,
+)
 from synthsr_bids.errors import ExitCode
 
 DESCRIPTION = f"""\
@@ -107,6 +113,90 @@ def _filter_file(value: str) -> dict[str, Any]:
             'e.g. {"anat": {"acquisition": "ax"}}'
         )
     return filters
+
+
+def _existing_dir(value: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(f"{value} is not a directory")
+    return path.resolve()
+
+
+def _template_name(value: str) -> str:
+    name = value[4:] if value.startswith("tpl-") else value
+    if not _LABEL_RE.match(name):
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a TemplateFlow template identifier (letters and digits, "
+            "e.g. MNI152NLin2009cAsym)"
+        )
+    return name
+
+
+def _add_downstream_options(parser: argparse.ArgumentParser) -> None:
+    downstream = parser.add_argument_group("Reports, segmentation and group level")
+    downstream.add_argument(
+        "--skip-reports",
+        "--skip_reports",
+        dest="skip_reports",
+        action="store_true",
+        help="do not write the HTML reports (sub-<label>.html, group.html) and their figures",
+    )
+    downstream.add_argument(
+        "--skip-segmentation",
+        "--skip_segmentation",
+        dest="skip_segmentation",
+        action="store_true",
+        help="do not segment the synthetic T1w images (no dseg, no volumes)",
+    )
+    downstream.add_argument(
+        "--segmentation-model",
+        "--segmentation_model",
+        dest="segmentation_model",
+        metavar="NAME|PATH",
+        help="segmentation U-Net: a registered name or a .safetensors file with 'labels' "
+        "metadata (default: the registered segmentation model when installed, else "
+        "segmentation is skipped)",
+    )
+    downstream.add_argument(
+        "--lesion-masks",
+        "--lesion_masks",
+        dest="lesion_masks",
+        type=_existing_dir,
+        metavar="DIR",
+        help="folder with lesion masks in BIDS layout (sub-<label>/[ses-<label>/]anat/"
+        "*_label-lesion_roi|mask.nii.gz or *_desc-lesion_mask.nii.gz), searched in addition "
+        "to the raw dataset",
+    )
+    downstream.add_argument(
+        "--template",
+        type=_template_name,
+        default=DEFAULT_TEMPLATE,
+        metavar="NAME",
+        help=f"group level: TemplateFlow template to register to (default: {DEFAULT_TEMPLATE}); "
+        "it is read from $TEMPLATEFLOW_HOME",
+    )
+    downstream.add_argument(
+        "--template-resolution",
+        "--template_resolution",
+        dest="template_resolution",
+        type=_positive_int,
+        default=1,
+        metavar="N",
+        help="group level: TemplateFlow resolution index of the template (default: 1, i.e. res-01)",
+    )
+    downstream.add_argument(
+        "--skip-registration",
+        "--skip_registration",
+        dest="skip_registration",
+        action="store_true",
+        help="group level: no template registration (no median template, no lesion map)",
+    )
+    downstream.add_argument(
+        "--registration",
+        choices=["SyN", "Affine"],
+        default="SyN",
+        help="group level: ANTsPy transform, SyN (affine then SyN, default) or Affine only",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="more log output (-v: debug for synthsr-bids, -vv: also libraries)",
     )
+    _add_downstream_options(parser)
     return parser
 
 
@@ -344,4 +435,14 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         verbosity=opts.verbose_count,
         command_line=("synthsr-bids", *argv),
         run_id=run_id,
+        downstream=DownstreamSettings(
+            reports=not opts.skip_reports,
+            segmentation=not opts.skip_segmentation,
+            segmentation_model=opts.segmentation_model,
+            lesion_masks=opts.lesion_masks,
+            template=opts.template,
+            template_resolution=opts.template_resolution,
+            registration=not opts.skip_registration,
+            registration_type=opts.registration,
+        ),
     )

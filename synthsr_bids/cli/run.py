@@ -117,6 +117,10 @@ def run_participant(config: RunConfig) -> ExitCode:
     )
     summary = pipeline.run_scans(scans, config=config, network=network, device=device)
     LOGGER.info("participant level finished: %s; outputs in %s", pipeline.summarise(summary), config.output_dir)
+
+    from synthsr_bids.morphometry.participant import run_downstream
+
+    downstream = run_downstream(config, summary, device=device)
     if summary.failed:
         LOGGER.error(
             "%d scan(s) failed: %s",
@@ -124,35 +128,22 @@ def run_participant(config: RunConfig) -> ExitCode:
             "; ".join(r.scan.relpath for r in summary.failed),
         )
         return ExitCode.SCAN_FAILED
+    if downstream.model_error:
+        return ExitCode.USAGE
+    if downstream.failed:
+        LOGGER.error("some lesion-mask, segmentation or report steps failed (see above and the reports)")
+        return ExitCode.SCAN_FAILED
     return ExitCode.OK
 
 
 def run_group(config: RunConfig) -> ExitCode:
-    """Group level (reports and morphometry arrive with a later release): for now,
-    list what participant level wrote and which participants have no output."""
-    from synthsr_bids.errors import NoInputError
+    """Group level: QC and volume tables, template registration, median template, lesion
+    frequency map and the group report, from what participant level wrote
+    (see :mod:`synthsr_bids.group.run`)."""
+    from synthsr_bids.group.run import run_group_level
 
-    if not (config.output_dir / "dataset_description.json").is_file():
-        raise NoInputError(
-            f"{config.output_dir} holds no synthsr-bids derivatives: run the participant "
-            "level first"
-        )
-    images = sorted(config.output_dir.glob("sub-*/**/anat/*_desc-synthsr*_T1w.nii.gz"))
-    by_subject: dict[str, int] = {}
-    for image in images:
-        subject = image.name.split("_", 1)[0]
-        by_subject[subject] = by_subject.get(subject, 0) + 1
-    raw_subjects = sorted(p.name for p in config.bids_dir.glob("sub-*") if p.is_dir())
-    missing = [s for s in raw_subjects if s not in by_subject]
-    LOGGER.info(
-        "group level: %d synthetic T1w image(s) for %d participant(s); group reports, "
-        "morphometry and template-space maps are not implemented in this version",
-        len(images),
-        len(by_subject),
-    )
-    if missing:
-        LOGGER.warning("participants without outputs: %s", ", ".join(missing))
-    return ExitCode.OK
+    (config.output_dir / "logs" / f"config-{config.run_id}.json").write_text(config.dumps() + "\n")
+    return run_group_level(config)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -33,7 +33,19 @@ LOGGER = logging.getLogger(__name__)
 
 BIDS_VERSION = "1.10.0"
 LOCK_NAME = ".synthsr-bids.lock"
-BIDSIGNORE_LINES: tuple[str, ...] = ("logs/", "sub-*/log/", "figures/", "sub-*/figures/", "*.html")
+#: Non-BIDS outputs hidden from the validator (bids-validator-deno does not match the
+#: trailing-slash folder forms, so folders are listed without it).
+BIDSIGNORE_LINES: tuple[str, ...] = (
+    "logs",
+    "sub-*/log",
+    "figures",
+    "sub-*/figures",
+    "*.html",
+    "*_volumes.tsv",
+    "*_xfm.h5",
+    "*_xfm.json",
+    "group_*",
+)
 DESCRIPTIONS_HEADER: tuple[str, str] = ("desc_id", "description")
 
 
