@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from bids_builder import axis_affine, phantom_labels
-from synthsr_bids.models.network import KERAS_BN_EPS, SynthSRUNet, UNetConfig
+from models_builder import pass_channel_zero
+from synthsr_bids.models.network import SynthSRUNet, UNetConfig
 from synthsr_bids.models.weights import save_safetensors
 
 #: Labels of the band segmenter (channel order) and the intensity thresholds between them.
@@ -42,18 +43,9 @@ def band_segmenter(
         raise ValueError("labels do not fit the number of thresholds")
     config = UNetConfig(out_channels=len(labels), n_levels=n_levels, base_features=base_features,
                         final_activation="softmax")
-    net = SynthSRUNet(config)
+    net = pass_channel_zero(SynthSRUNet(config))
     cumulative = np.concatenate([[0.0], np.cumsum(thresholds)])
     with torch.no_grad():
-        for block in list(net.encoder) + list(net.decoder):
-            for conv in block.convs:
-                conv.weight.zero_()
-                conv.bias.zero_()
-                conv.weight[0, 0, 1, 1, 1] = 1.0
-            block.norm.running_mean.zero_()
-            block.norm.running_var.fill_(1.0 - KERAS_BN_EPS)
-            block.norm.weight.fill_(1.0)
-            block.norm.bias.zero_()
         net.head.weight.zero_()
         net.head.bias.zero_()
         for channel, band in enumerate(band_of_channel):

@@ -18,7 +18,17 @@ def identity_unet(*, base_features: int = 4, n_levels: int = 3) -> SynthSRUNet:
     Geometry errors in the pipeline (flips, shifts, wrong affines) therefore show up as a
     mismatch between input and output images.
     """
-    net = SynthSRUNet(UNetConfig(base_features=base_features, n_levels=n_levels))
+    net = pass_channel_zero(SynthSRUNet(UNetConfig(base_features=base_features, n_levels=n_levels)))
+    with torch.no_grad():
+        net.head.weight.zero_()
+        net.head.bias.zero_()
+        net.head.weight[0, 0] = 1.0
+    return net.eval()
+
+
+def pass_channel_zero(net: SynthSRUNet) -> SynthSRUNet:
+    """Set every encoder/decoder block so that channel 0 carries the (non-negative) input
+    unchanged to the head; the head is left for the caller to define."""
     with torch.no_grad():
         for block in list(net.encoder) + list(net.decoder):
             for conv in block.convs:
@@ -29,10 +39,7 @@ def identity_unet(*, base_features: int = 4, n_levels: int = 3) -> SynthSRUNet:
             block.norm.running_var.fill_(1.0 - KERAS_BN_EPS)
             block.norm.weight.fill_(1.0)
             block.norm.bias.zero_()
-        net.head.weight.zero_()
-        net.head.bias.zero_()
-        net.head.weight[0, 0] = 1.0
-    return net.eval()
+    return net
 
 
 def random_unet(*, base_features: int = 4, n_levels: int = 3, seed: int = 0) -> SynthSRUNet:
