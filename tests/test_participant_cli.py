@@ -245,6 +245,8 @@ def test_invalid_dataset_exits_16(tmp_path, models):
         ("clean", ["--participant-label", "42"], 66),
         ("clean", ["--contrasts", "angio"], 66),
         ("clean", ["--model", "no-such-model"], 64),
+        pytest.param("clean", ["--device", "cuda:7"], 64, marks=pytest.mark.skipif(
+            __import__("torch").cuda.device_count() > 7, reason="a machine with 8 GPUs")),
     ],
 )
 def test_exit_codes(tmp_path, models, setup, extra, code):

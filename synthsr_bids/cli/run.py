@@ -83,7 +83,7 @@ def _validate_input(config: RunConfig) -> None:
 def run_participant(config: RunConfig) -> ExitCode:
     from synthsr_bids import pipeline
     from synthsr_bids.discovery import find_scans
-    from synthsr_bids.inference.device import resolve_device
+    from synthsr_bids.inference.device import DeviceError, resolve_device
     from synthsr_bids.models.registry import ModelNotAvailableError
     from synthsr_bids.models.weights import WeightFileError
 
@@ -104,10 +104,10 @@ def run_participant(config: RunConfig) -> ExitCode:
 
         torch.set_num_threads(config.inference.nthreads)
     try:
+        device = resolve_device(config.inference.device)
         network = pipeline.load_network(config)
-    except (ModelNotAvailableError, WeightFileError) as exc:
+    except (ModelNotAvailableError, WeightFileError, DeviceError) as exc:
         raise UsageError(str(exc)) from exc
-    device = resolve_device(config.inference.device)
     LOGGER.info(
         "model %s (sha256 %s..., %s) on %s",
         network.info.name,
