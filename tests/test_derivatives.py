@@ -115,3 +115,21 @@ def test_provenance_roundtrip(tmp_path):
     assert not provenance_matches(sidecar, {**prov, "TestTimeFlipping": False})
     sidecar.write_text("{truncated")
     assert not provenance_matches(sidecar, prov)
+
+
+def test_dataset_description_without_hard_links(tmp_path, monkeypatch):
+    """Filesystems without hard links (some FUSE/SMB mounts) fall back to lock + rename."""
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / "dataset_description.json").write_text(json.dumps({"Name": "Study", "BIDSVersion": "1.9.0"}))
+
+    def no_links(src, dst):
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(dataset.os, "link", no_links)
+    path = dataset.ensure_dataset_description(tmp_path / "out", raw)
+    assert json.loads(path.read_text())["DatasetType"] == "derivative"
+    path.write_text(json.dumps({"Name": "first", "DatasetType": "derivative"}))
+    dataset.ensure_dataset_description(tmp_path / "out", raw)
+    assert json.loads(path.read_text())["Name"] == "first"
+    assert not list((tmp_path / "out").glob(".tmp-*"))

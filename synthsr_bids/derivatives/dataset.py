@@ -112,6 +112,12 @@ def _create_exclusive(path: Path, text: str) -> bool:
         return True
     except FileExistsError:
         return False
+    except OSError:  # no hard links on this filesystem: fall back to lock + rename
+        with output_lock(path.parent):
+            if path.exists():
+                return False
+            os.replace(tmp, path)
+            return True
     finally:
         tmp.unlink(missing_ok=True)
 
