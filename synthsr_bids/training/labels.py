@@ -132,23 +132,11 @@ class LabelScheme:
 
     def swap_lut(self) -> np.ndarray:
         """Generation label index -> index of its left/right mirror (itself if unpaired)."""
-        position = {int(v): i for i, v in enumerate(self.labels)}
-        lut = np.arange(self.n_labels, dtype=np.int64)
-        for left, right in LEFT_RIGHT_PAIRS.items():
-            if left in position and right in position:
-                lut[position[left]] = position[right]
-                lut[position[right]] = position[left]
-        return lut
+        return _mirror_lut(self.labels)
 
     def segmentation_swap_lut(self) -> np.ndarray:
         """Segmentation channel -> channel of its left/right mirror."""
-        position = {v: k for k, v in enumerate(self.segmentation_labels)}
-        lut = np.arange(self.n_segmentation_labels, dtype=np.int64)
-        for left, right in LEFT_RIGHT_PAIRS.items():
-            if left in position and right in position:
-                lut[position[left]] = position[right]
-                lut[position[right]] = position[left]
-        return lut
+        return _mirror_lut(self.segmentation_labels)
 
     def mask_lut(self, labels: Sequence[int]) -> np.ndarray:
         """Boolean table: generation index -> label value is in ``labels``."""
@@ -387,3 +375,14 @@ def load_label_map(
         ints = split_hemispheres(ints)
     LOGGER.debug("loaded label map %s, shape %s", path, ints.shape)
     return label_volume_from_array(ints, scheme, name=path.name, source=path)
+
+
+def _mirror_lut(labels: Sequence[int]) -> np.ndarray:
+    """Index into ``labels`` -> index of its left/right mirror (itself if unpaired)."""
+    position = {int(v): i for i, v in enumerate(labels)}
+    lut = np.arange(len(labels), dtype=np.int64)
+    for left, right in LEFT_RIGHT_PAIRS.items():
+        if left in position and right in position:
+            lut[position[left]] = position[right]
+            lut[position[right]] = position[left]
+    return lut
