@@ -349,6 +349,21 @@ def test_fast_engine_equals_the_network(config, shape):
     np.testing.assert_allclose(second.numpy(), expected_other.numpy(), rtol=1e-5, atol=1e-5)
 
 
+def test_engine_forward_equals_the_autograd_module_and_leaves_the_input_untouched():
+    config = UNetConfig(in_channels=1, n_levels=4, base_features=3, convs_per_level=2)
+    net = _random_unet(config, seed=3)
+    x = torch.randn(1, 1, 16, 8, 24, generator=torch.Generator().manual_seed(4))
+    x_before = x.clone()
+    with torch.enable_grad():
+        reference = net(x)  # the plain module
+    with torch.inference_mode():
+        out = engine.forward(net, x)
+    assert torch.equal(x, x_before)
+    assert out.shape == (1, 1, 16, 8, 24) and out.is_contiguous()
+    np.testing.assert_allclose(out.numpy(), reference.numpy(), rtol=1e-5, atol=1e-5)
+    assert (reference.abs() > 1e-2).float().mean() > 0.5  # the comparison is not between zeros
+
+
 def test_engine_falls_back_to_the_module_for_other_models():
     model = ShiftLeft(0.5)
     assert not engine.supports_fast_forward(model)

@@ -1,9 +1,9 @@
 """A faster, leaner CPU forward pass for :class:`~synthsr_bids.models.network.SynthSRUNet`.
 
-The network's own inference path (``model(x)`` in eval/no-grad mode) is exact and already
-memory-aware. This module computes the same function with fewer operations and about half
-the memory, using only the module's public structure (``encoder``/``decoder`` blocks with
-``convs`` and ``norm``, ``head``):
+:meth:`SynthSRUNet.forward <synthsr_bids.models.network.SynthSRUNet.forward>` is the plain
+PyTorch definition of the network. This module computes the same function for inference with
+fewer operations and about half the memory, using only the module's public structure
+(``encoder``/``decoder`` blocks with ``convs`` and ``norm``, ``head``):
 
 * **Fused upsample + concatenate + convolve.** In every decoder step the first 3x3x3
   convolution reads ``cat([skip, up2(low)])`` where ``up2`` is nearest-neighbour upsampling.
