@@ -232,6 +232,45 @@ def test_command_line_train_and_export(tmp_path: Path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert load_weights(out).config.base_features == 4
+
+    # ship: both networks into a copy of the package data, registered with size and sha256
+    package = tmp_path / "package-data"
+    (package / "models").mkdir(parents=True)
+    shutil.copy(REPO / "synthsr_bids" / "data" / "models.json", package / "models.json")
+    (package / "models" / "synthsr-bids_v0.0.1.safetensors").write_bytes(b"older version")
+    done = subprocess.run(cmd + ["ship", "--config", str(toml), "--version", "0.1.0.dev2", "--package-data",
+                                 str(package)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    check_shipped(package, version="0.1.0.dev2", reg_steps=2, seg_steps=2)
+    bad = subprocess.run(cmd + ["ship", "--config", str(toml), "--version", "../x", "--package-data", str(package)],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 65 and "version" in bad.stderr
+
     bad = subprocess.run(cmd + ["train", "--config", str(toml), "--set", "regression.bogus=1"], capture_output=True,
                          text=True, timeout=300)
     assert bad.returncode == 64 and "bogus" in bad.stderr
+
+
+def check_shipped(package: Path, *, version: str, reg_steps: int, seg_steps: int) -> None:
+    """The registry names both files with their true size and SHA-256; the segmenter meets morphometry's contract."""
+    from synthsr_bids.hashing import sha256_file
+    from synthsr_bids.models.registry import _parse_registry
+    from synthsr_bids.morphometry.segment import segmenter_from_network
+
+    specs, default = _parse_registry((package / "models.json").read_text(), source="test", allow_bundled=True)
+    assert default == "synthsr-bids"
+    files = sorted(p.name for p in (package / "models").iterdir())
+    assert files == [f"synthsr-bids-seg_v{version}.safetensors", f"synthsr-bids_v{version}.safetensors"]
+    for name in ("synthsr-bids", "synthsr-bids-seg"):
+        spec = specs[name]
+        path = package / "models" / spec.filename
+        assert spec.bundled and spec.version == version and spec.license == "Apache-2.0"
+        assert spec.size == path.stat().st_size and spec.sha256 == sha256_file(path)
+    assert {"synthsr-v1", "synthsr-v2", "synthsr-lowfield"} <= set(specs)  # other entries kept
+    reg = load_weights(package / "models" / specs["synthsr-bids"].filename)
+    assert reg.config.final_activation == "linear" and reg.metadata["synthsr_bids.trained_steps"] == str(reg_steps)
+    seg = load_weights(package / "models" / specs["synthsr-bids-seg"].filename)
+    segmenter = segmenter_from_network(seg.model, seg.metadata, name="synthsr-bids-seg", sha256="x")
+    assert segmenter.input_scale == pytest.approx(1 / 128)
+    assert len(segmenter.table.ids) == seg.config.out_channels and 2 in segmenter.table.ids and 41 in segmenter.table.ids
+    assert seg.metadata["synthsr_bids.steps"] == str(seg_steps)

@@ -4,6 +4,8 @@
   is done, ``--max-steps`` or ``--max-minutes``; SIGTERM/SIGINT stop after the current step with a
   checkpoint.
 * ``export``: write the regression weights of the newest checkpoint as float16 safetensors.
+* ``ship``: put the newest regression weights and the run's segmenter into the package as the
+  bundled ``synthsr-bids`` / ``synthsr-bids-seg`` models (files + ``models.json``).
 * ``benchmark``: seconds per generator sample and per network step for the configured sizes.
 """
 
@@ -43,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     common(export)
     export.add_argument("--output", type=Path, default=None, help="default: <run dir>/model.safetensors")
 
+    ship = sub.add_parser("ship", help="bundle the newest weights into the package and register them",
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common(ship)
+    ship.add_argument("--version", required=True, help="model version, e.g. 0.1.0.dev5000 (part of the file names)")
+    ship.add_argument("--package-data", type=Path, default=Path(__file__).resolve().parents[1] / "data",
+                      help="the package's data folder (holds models.json and models/)")
+
     bench = sub.add_parser("benchmark", help="time the generator and the network steps")
     common(bench)
     bench.add_argument("--steps", type=int, default=5)
@@ -79,6 +88,22 @@ def main(argv: list[str] | None = None) -> int:
                 return 66
             out = export_from_checkpoint(ckpt, args.output or run_dir / "model.safetensors")
             print(out)
+            return 0
+        if args.command == "ship":
+            from .ship import ShipError, ship_run
+
+            _setup_logging(args.verbose, None)
+            ckpt = latest_checkpoint(run_dir)
+            if ckpt is None:
+                print(f"error: no checkpoint in {run_dir} (train first)", file=sys.stderr)
+                return 66
+            try:
+                shipped = ship_run(run_dir, ckpt, version=args.version, package_data=args.package_data)
+            except ShipError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 65
+            for model in shipped:
+                print(f"{model.name}\t{model.path}\t{model.size}\t{model.sha256}")
             return 0
         if args.command == "benchmark":
             _setup_logging(args.verbose, None)

@@ -48,6 +48,7 @@ from .labels import (
     load_label_scheme,
 )
 from .losses import SEG_INPUT_SCALE, hard_dice, regression_loss, softmax_dice_loss
+from .ship import segmenter_metadata
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -323,10 +324,8 @@ class Trainer:
             path = self.run_dir / SEGMENTER_FILE
             softmax_net = SynthSRUNet(self.seg_config)
             softmax_net.load_state_dict(self.segmenter.state_dict())
-            save_safetensors(softmax_net, path, {
-                "synthsr_bids.role": "segmenter", "synthsr_bids.steps": str(self.step),
-                "synthsr_bids.segmentation_labels": json.dumps(list(self.scheme.segmentation_labels)),
-            }, dtype=torch.float16)
+            save_safetensors(softmax_net, path, segmenter_metadata(self.scheme.segmentation_labels, steps=self.step),
+                             dtype=torch.float16)
             LOGGER.info("segmentation stage finished after %d steps; frozen segmenter written to %s", self.step, path)
             self._load_frozen_segmenter()
             self.stage, self.step = "regression", 0
