@@ -1,0 +1,330 @@
+"""Run the evaluation: load the model, synthesise every case, score it and the baselines.
+
+The model goes through :func:`~synthsr_bids.inference.predict.synthesize` exactly as in the
+participant pipeline (resample to 1 mm, RAS, normalise, network, flip averaging, sharpening,
+back to the input's axes); its 1 mm output is then resampled (trilinear) onto the reference
+grid. Metrics are computed on the brain's bounding box (plus the SSIM window) to save time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from synthsr_bids.preprocessing.intensity import foreground_bbox
+
+from .baselines import BASELINES, baseline_predictions
+from .cases import (
+    DEFAULT_DATA_DIR,
+    NAWM_DILATION,
+    SYNTHETIC_SEED,
+    CaseDataError,
+    EvalCase,
+    patient_cases,
+    synthetic_cases,
+)
+from .metrics import (
+    SSIM_SIGMA,
+    SSIM_TRUNCATE,
+    ImageMetrics,
+    LesionContrast,
+    image_metrics,
+    lesion_contrast,
+    robust_range,
+)
+from .volume import resample_onto
+
+__all__ = [
+    "METHODS",
+    "EXPORT_HINT",
+    "ModelMissingError",
+    "ModelInfo",
+    "LoadedModel",
+    "EvaluationConfig",
+    "MethodResult",
+    "CaseResult",
+    "EvaluationResult",
+    "load_model",
+    "score_predictions",
+    "reference_lesion_contrast",
+    "evaluate_case",
+    "run_evaluation",
+]
+
+LOGGER = logging.getLogger(__name__)
+
+#: Methods in table order: the model, then the baselines.
+METHODS = ("model", *BASELINES)
+EXPORT_HINT = (
+    "Pass --model PATH (a .safetensors/.h5 file) or a registered name; to evaluate the model being trained, "
+    "export its newest checkpoint with `python -m synthsr_bids.training export --config configs/default.toml "
+    "--output FILE` and pass --model FILE."
+)
+_SSIM_MARGIN = int(np.ceil(SSIM_TRUNCATE * SSIM_SIGMA)) + 1
+
+
+class ModelMissingError(RuntimeError):
+    """The model cannot be found or read; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    path: str
+    sha256: str
+    license: str
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedModel:
+    network: Any  #: a torch module in eval mode
+    info: ModelInfo
+
+
+@dataclass(frozen=True)
+class EvaluationConfig:
+    """What to evaluate and how (the command-line options)."""
+
+    model: str | None = None  #: registry name or path; None = the registry default
+    synthetic_cases: int = 5
+    label_maps: Path = DEFAULT_DATA_DIR / "synthsr" / "label_maps"
+    patient_dir: Path = DEFAULT_DATA_DIR / "open_ms_data" / "patient07"
+    seed: int = SYNTHETIC_SEED
+    slice_spacing_mm: float = 5.0
+    flip: bool = True
+    sharpen: bool = True
+    device: str = "cpu"
+    threads: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in self.__dict__.items()}
+
+
+@dataclass(frozen=True)
+class MethodResult:
+    """Scores of one method on one case."""
+
+    brain: ImageMetrics  #: inside the brain mask
+    outside_lesions: ImageMetrics | None = None  #: brain minus the lesions dilated by 2 voxels (model only)
+    lesion: LesionContrast | None = None  #: lesion contrast left/removed (input = trilinear upsampling)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "brain": self.brain.to_dict(),
+            "outside_lesions": None if self.outside_lesions is None else self.outside_lesions.to_dict(),
+            "lesion": None if self.lesion is None else self.lesion.to_dict(),
+        }
+
+
+@dataclass(frozen=True)
+class CaseResult:
+    name: str
+    group: str
+    seconds: float  #: model: synthesize + resampling onto the reference grid
+    methods: Mapping[str, MethodResult]
+    reference_lesion: LesionContrast | None = None  #: the reference's own lesion contrast vs the input
+    details: Mapping[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "group": self.group,
+            "seconds": self.seconds,
+            "details": dict(self.details),
+            "reference_lesion": None if self.reference_lesion is None else self.reference_lesion.to_dict(),
+            "methods": {name: result.to_dict() for name, result in self.methods.items()},
+        }
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    model: ModelInfo
+    config: EvaluationConfig
+    cases: tuple[CaseResult, ...]
+    skipped: tuple[str, ...] = ()
+    seconds: float = 0.0
+
+
+# ---------------------------------------------------------------------------- model
+def _conversion_cache() -> Path | None:
+    from synthsr_bids.models.registry import models_cache_dir
+
+    cache = models_cache_dir() / "converted"
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return cache if os.access(cache, os.W_OK) else None
+
+
+def load_model(name_or_path: str | None) -> LoadedModel:
+    """Resolve ``--model`` like the main CLI (never downloads) and load the weights.
+
+    Raises:
+        ModelMissingError: naming the missing/bad file and how to get one (:data:`EXPORT_HINT`).
+    """
+    from synthsr_bids.models.registry import ModelNotAvailableError, resolve_model
+    from synthsr_bids.models.weights import WeightFileError, load_weights
+
+    try:
+        resolved = resolve_model(name_or_path)
+        # Keras .h5 files are converted once and cached (as the pipeline does); safetensors are read directly.
+        cache = None if resolved.path.suffix == ".safetensors" else _conversion_cache()
+        loaded = load_weights(resolved.path, cache_dir=cache)
+    except (ModelNotAvailableError, WeightFileError) as exc:
+        raise ModelMissingError(f"{exc}\n{EXPORT_HINT}") from exc
+    info = ModelInfo(name=resolved.name, path=str(resolved.path), sha256=resolved.sha256, license=resolved.license)
+    return LoadedModel(network=loaded.model, info=info)
+
+
+# ---------------------------------------------------------------------------- scoring
+def score_predictions(
+    case: EvalCase,
+    predictions: Mapping[str, np.ndarray],
+    source: np.ndarray,
+    *,
+    outside_lesions: Sequence[str] = ("model",),
+) -> dict[str, MethodResult]:
+    """Score every prediction (on the reference grid) of ``case``; ``source`` = the input on that grid.
+
+    Metrics outside the lesions are computed for the methods in ``outside_lesions`` only (SSIM is
+    the expensive part); a prediction passed under two names (the same array) is scored once.
+    """
+    from scipy import ndimage
+
+    box = foreground_bbox(case.brain_mask)
+    if box is None:
+        raise CaseDataError(f"case {case.name}: the brain mask is empty")
+    box = box.expand(_SSIM_MARGIN, case.brain_mask.shape)
+
+    def crop(a: np.ndarray | None) -> np.ndarray | None:
+        return None if a is None else np.asarray(a)[box.slices]
+
+    reference, brain = crop(case.reference.data), crop(case.brain_mask)
+    lesion, nawm = crop(case.lesion_mask), crop(case.nawm_mask)
+    source_c = crop(source)
+    scale = robust_range(reference, brain)
+    outside = None
+    if lesion is not None and lesion.any():
+        outside = brain & ~ndimage.binary_dilation(lesion, iterations=NAWM_DILATION)
+        if outside.sum() < 2:
+            outside = None
+    with_lesions = lesion is not None and nawm is not None and lesion.any() and nawm.any()
+    results: dict[str, MethodResult] = {}
+    done: dict[tuple[int, bool], MethodResult] = {}
+    for name, prediction in predictions.items():
+        wants_outside = outside is not None and name in outside_lesions
+        key = (id(prediction), wants_outside)
+        if key not in done:
+            pred = crop(prediction)
+            done[key] = MethodResult(
+                brain=image_metrics(pred, reference, brain, value_range=scale),
+                outside_lesions=image_metrics(pred, reference, outside, value_range=scale) if wants_outside else None,
+                lesion=lesion_contrast(pred, source_c, lesion, nawm) if with_lesions else None,
+            )
+        results[name] = done[key]
+    return results
+
+
+def reference_lesion_contrast(case: EvalCase, source: np.ndarray) -> LesionContrast | None:
+    """The lesion metrics of the reference itself (what a perfect model would score)."""
+    if case.lesion_mask is None or case.nawm_mask is None or not case.lesion_mask.any() or not case.nawm_mask.any():
+        return None
+    return lesion_contrast(case.reference.data, source, case.lesion_mask, case.nawm_mask)
+
+
+def evaluate_case(case: EvalCase, model: Any, options: Any) -> CaseResult:
+    """Synthesise ``case`` with ``model`` (:class:`SynthesisOptions` ``options``) and score it and the baselines."""
+    from synthsr_bids.inference.predict import synthesize
+
+    reference = case.reference
+    started = time.perf_counter()
+    result = synthesize(case.input.data, case.input.affine, model, options)
+    prediction = resample_onto(result.data, result.affine, reference.shape, reference.affine, order=1)
+    seconds = time.perf_counter() - started
+    for note in result.notes:
+        LOGGER.info("%s: %s", case.name, note)
+    baselines = baseline_predictions(case.input, reference, case.brain_mask)
+    predictions = {"model": prediction, **baselines}
+    methods = score_predictions(case, predictions, baselines["trilinear"])
+    return CaseResult(name=case.name, group=case.group, seconds=seconds, methods=methods,
+                      reference_lesion=reference_lesion_contrast(case, baselines["trilinear"]), details=dict(case.details))
+
+
+# ---------------------------------------------------------------------------- driver
+@dataclass(frozen=True, eq=False)
+class _Part:
+    label: str
+    count: int
+    cases: Iterator[EvalCase]
+
+
+def _planned_parts(config: EvaluationConfig, skipped: list[str]) -> list[_Part]:
+    """The synthetic and patient parts that can run (lazy); the others are skipped with a message."""
+    parts: list[_Part] = []
+    label_maps = Path(config.label_maps)
+    if config.synthetic_cases <= 0:
+        skipped.append("synthetic cases: not requested (--synthetic-cases 0)")
+    elif not label_maps.is_dir() or not any(label_maps.glob("*.nii*")):
+        skipped.append(f"synthetic cases: no label maps in {label_maps} (pass --label-maps or --data-dir)")
+    else:
+        parts.append(_Part("synthetic cases", config.synthetic_cases,
+                           synthetic_cases(label_maps, config.synthetic_cases, seed=config.seed)))
+    try:
+        patients = patient_cases(Path(config.patient_dir), spacing_mm=config.slice_spacing_mm)
+    except CaseDataError as exc:
+        skipped.append(f"patient cases: {exc}")
+    else:
+        parts.append(_Part(f"patient {Path(config.patient_dir).name}", len(patients), iter(patients)))
+    return parts
+
+
+def run_evaluation(config: EvaluationConfig, model: LoadedModel, *, progress: bool = True) -> EvaluationResult:
+    """Evaluate ``model`` and the baselines on every available case (see :mod:`.cases`)."""
+    from tqdm import tqdm
+
+    from synthsr_bids.inference.predict import SynthesisOptions
+
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(int(config.threads))
+    options = SynthesisOptions(flip=config.flip, sharpen=config.sharpen, device=config.device)
+    started = time.perf_counter()
+    skipped: list[str] = []
+    parts = _planned_parts(config, skipped)
+    for message in skipped:
+        LOGGER.warning("skipped %s", message)
+    total = sum(part.count for part in parts)
+    results: list[CaseResult] = []
+    index = 0
+    with tqdm(total=total, unit="case", desc="evaluation", disable=None if progress else True, leave=False) as bar:
+        for part in parts:
+            done = 0
+            try:
+                case_started = time.perf_counter()
+                for case in part.cases:
+                    index += 1
+                    result = evaluate_case(case, model.network, options)
+                    results.append(result)
+                    done += 1
+                    bar.update(1)
+                    m, t = result.methods["model"].brain, result.methods["trilinear"].brain
+                    LOGGER.info("[%d/%d] %s %s: model r=%.3f SSIM=%.3f MAE=%.1f%% (trilinear r=%.3f SSIM=%.3f "
+                                "MAE=%.1f%%); synthesis %.1f s, case %.1f s", index, total, case.group, case.name,
+                                m.r, m.ssim, 100 * m.mae, t.r, t.ssim, 100 * t.mae, result.seconds,
+                                time.perf_counter() - case_started)
+                    case_started = time.perf_counter()
+            except CaseDataError as exc:
+                skipped.append(f"{part.label}: {exc}")
+                LOGGER.error("skipped %s", skipped[-1])
+                bar.update(part.count - done)
+    return EvaluationResult(model=model.info, config=config, cases=tuple(results), skipped=tuple(skipped),
+                            seconds=time.perf_counter() - started)
