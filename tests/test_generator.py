@@ -146,7 +146,8 @@ def test_plaques_and_strokes_are_in_the_input_only(scheme, contrasts, phantom):
     for seed in range(4):
         sick = make(scheme, contrasts, phantom, config, seed=seed).generate(1)
         healthy = make(scheme, contrasts, phantom, healthy_config, seed=seed).generate(1)
-        assert set(sick.params[0].lesions) == {"plaques", "stroke"}
+        assert set(sick.params[0].lesions) <= {"plaques", "stroke"}
+        assert bool(sick.params[0].lesions) == bool(sick.lesion_mask.any())
         assert torch.equal(sick.target, healthy.target)  # the target keeps the healthy anatomy
         assert torch.equal(sick.labels, healthy.labels)
         mask = sick.lesion_mask[0, 0]
@@ -158,6 +159,17 @@ def test_plaques_and_strokes_are_in_the_input_only(scheme, contrasts, phantom):
         diff = (sick.input - healthy.input).abs()[0, 0]
         assert float(diff[mask].mean()) > 3 * float(diff[~mask].mean())
     assert n_with_lesions >= 2
+
+
+def test_plaques_are_not_recorded_where_there_is_no_white_matter(scheme, contrasts):
+    no_wm = head_phantom(SHAPE)
+    no_wm[np.isin(no_wm, [2, 41])] = 3  # white matter becomes cortex
+    volume = label_volume_from_array(no_wm, scheme, name="no-wm")
+    config = dataclasses.replace(STILL, plaque_prob=1.0)
+    for seed in range(3):
+        batch = make(scheme, contrasts, volume, config, seed=seed).generate(1)
+        assert batch.params[0].lesions == ()
+        assert not batch.lesion_mask.any()
 
 
 def test_tumour_target_is_healthy_tissue_and_mass_effect_moves_anatomy(scheme, contrasts, phantom):

@@ -314,11 +314,13 @@ class SynthGenerator:
             mask = lz.plaque_mask(label_idx, self._tables, rng=rng)
             image = lz.paint_plaques(image, mask, scale=scale, rng=rng)
             lesion_mask |= mask
-            kinds.append("plaques")
+            if bool(mask.any()):  # no white matter in the crop: nothing was painted
+                kinds.append("plaques")
         if rng.bernoulli(cfg.stroke_prob):
             image, mask = lz.paint_stroke(image, label_idx, self._tables, csf_mean=csf_mean, csf_std=csf_std, rng=rng)
             lesion_mask |= mask
-            kinds.append("stroke")
+            if bool(mask.any()):
+                kinds.append("stroke")
         if tumour is not None:
             image, mask = lz.paint_tumour(image, label_idx, self._tables, tumour, scale=scale, csf_mean=csf_mean,
                                           csf_std=csf_std, rng=rng)
