@@ -149,7 +149,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--model", help="model to use instead of the bundled default")
     parser.add_argument("--build-only", action="store_true", help="only build the dataset")
     opts = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s [%(levelname)s] %(message)s", datefmt="%H:%M:%S")
+    from synthsr_bids.cli.run import setup_logging
+
+    setup_logging(0)  # the same handlers the participant run uses (set up once, not twice)
 
     raw = opts.directory.resolve() / "rawdata"
     out = opts.directory.resolve() / "derivatives" / "synthsr"
