@@ -19,7 +19,14 @@ from bids_builder import add_broken_scans, add_scan, scan, write_dataset_descrip
 from downstream_builder import phantom_lesion_mask, write_segmenter
 from models_builder import identity_unet, write_model
 from synthsr_bids.cli.run import main
-from synthsr_bids.reports.figures import Layer, intensity_window, mosaic, slice_indices, strip_plots
+from synthsr_bids.reports.figures import (
+    Layer,
+    intensity_window,
+    mosaic,
+    slice_indices,
+    slice_reference,
+    strip_plots,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,6 +74,15 @@ def test_slice_positions_cover_the_foreground():
     assert slice_indices(volume, 0, 5) == [13, 16, 20, 23, 26]
     assert all(5 <= i < 45 for i in slice_indices(volume, 1, 5))
     assert intensity_window(volume) == (1.0, 2.0)  # constant foreground: a non-empty window
+
+
+def test_slices_follow_the_input_when_the_synthetic_image_is_blank():
+    volume = np.zeros((40, 50, 30))
+    volume[20:30, 5:45, 3:27] = 1.0
+    blank = np.zeros_like(volume)
+    assert slice_reference([Layer("input", volume), Layer("synthetic", blank)]) is volume
+    assert slice_reference([Layer("input", volume * 0.5), Layer("synthetic", volume)]) is volume
+    assert slice_reference([Layer("input", blank), Layer("synthetic", blank)]) is blank
 
 
 def test_mosaic_draws_rows_planes_and_lesion_outline(tmp_path):

@@ -81,6 +81,15 @@ def slice_indices(reference: np.ndarray, axis: int, n: int) -> list[int]:
     return sorted({int(round(p)) for p in positions})
 
 
+def slice_reference(layers: Sequence[Layer]) -> np.ndarray:
+    """The volume whose foreground places the slices: the last layer (the synthetic image),
+    or the last one with any positive voxel when it is empty (e.g. a failed or blank output)."""
+    for layer in reversed(layers):
+        if np.any(np.asarray(layer.volume) > 0):
+            return layer.volume
+    return layers[-1].volume
+
+
 def plane_slice(volume: np.ndarray, plane: str, index: int) -> np.ndarray:
     """2D picture (rows bottom-to-top after ``origin="lower"``) of a RAS volume."""
     axis = PLANE_AXIS[plane]
@@ -136,7 +145,7 @@ def mosaic(
     """
     if not layers:
         raise ValueError("nothing to draw")
-    reference = layers[-1].volume if reference is None else reference
+    reference = slice_reference(layers) if reference is None else reference
     windows = [intensity_window(layer.volume) for layer in layers]
     if heat is not None:  # darker anatomy so that the heat map stands out
         windows = [(low, low + 1.8 * (high - low)) for low, high in windows]
