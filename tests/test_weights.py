@@ -8,6 +8,7 @@ non-trivial BatchNorm statistics, an input volume and the Keras output.
 from __future__ import annotations
 
 import json
+import os
 import logging
 import shutil
 from pathlib import Path
@@ -221,6 +222,9 @@ def test_safetensors_round_trip(tmp_path: Path):
     out = tmp_path / "seg.safetensors"
     save_safetensors(loaded.model, out, {"license": "Apache-2.0", "citation": "Iglesias 2023"})
     assert [p.name for p in tmp_path.iterdir()] == ["seg.safetensors"]  # no temp file left
+    mask = os.umask(0o022)
+    os.umask(mask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~mask  # readable by every user, as a plain new file
     again = load_weights(out)
     assert isinstance(again, LoadedNetwork)
     assert again.config == loaded.config

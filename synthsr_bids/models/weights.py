@@ -342,6 +342,13 @@ def _check_metadata(metadata: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
+def _default_file_mode() -> int:
+    """``0o666`` minus the process umask: the mode ``open(path, "w")`` would give a new file."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def save_safetensors(
     model: SynthSRUNet,
     path: Path,
@@ -373,6 +380,9 @@ def save_safetensors(
         safetensors.torch.save_file(tensors, str(tmp), metadata=meta)
         with open(tmp, "rb+") as handle:
             os.fsync(handle.fileno())
+        # safetensors creates its file owner-only (0600); a model is for every user of the
+        # installation (e.g. a container run under another UID): the usual mode under the umask.
+        os.chmod(tmp, _default_file_mode())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
