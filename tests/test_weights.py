@@ -8,8 +8,8 @@ non-trivial BatchNorm statistics, an input volume and the Keras output.
 from __future__ import annotations
 
 import json
-import os
 import logging
+import os
 import shutil
 from pathlib import Path
 
