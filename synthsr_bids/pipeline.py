@@ -59,6 +59,8 @@ class Network:
     model: Any
     info: ModelInfo
     in_channels: int = 1
+    notes: tuple[str, ...] = ()
+    """What every sidecar made with this network must say (e.g. that it is a preview model)."""
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ def _conversion_cache(sha256: str, work_dir: Path) -> Path:
 def load_network(config: RunConfig) -> Network:
     """Resolve ``--model`` (never downloads) and load the weights."""
     from synthsr_bids.models.registry import resolve_model
-    from synthsr_bids.models.weights import load_weights
+    from synthsr_bids.models.weights import PREVIEW_STATUS, STATUS_METADATA, load_weights
 
     resolved = resolve_model(config.inference.model)
     loaded = load_weights(resolved.path, cache_dir=_conversion_cache(resolved.sha256, config.work_dir))
@@ -109,7 +111,14 @@ def load_network(config: RunConfig) -> Network:
         license=resolved.license,
         version=str(getattr(spec, "version", "") or ""),
     )
-    return Network(model=loaded.model, info=info, in_channels=loaded.config.in_channels)
+    notes: tuple[str, ...] = ()
+    if loaded.metadata.get(STATUS_METADATA) == PREVIEW_STATUS:
+        note = (f"model {resolved.name} {info.version} is a preview (an early training checkpoint, below the "
+                "quality targets of MODEL_CARD.md); for research results use an official model, e.g. "
+                "`synthsr-models fetch synthsr-v1` then `--model synthsr-v1`")
+        LOGGER.warning(note)
+        notes = (note,)
+    return Network(model=loaded.model, info=info, in_channels=loaded.config.in_channels, notes=notes)
 
 
 def _crash_file(config: RunConfig, scan: ScanInput) -> Path:
@@ -168,7 +177,7 @@ def _write_outputs(
         timings=timings,
         runtime_seconds=runtime,
         warnings=loaded.warnings,
-        notes=result.notes,
+        notes=[*network.notes, *result.notes],
         software=shared_files.software_versions(),
         command_line=config.command_line,
     )

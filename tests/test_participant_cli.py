@@ -289,3 +289,22 @@ def test_console_scripts_run():
     assert version.returncode == 0 and "synthsr-bids" in version.stdout
     helped = subprocess.run([sys.executable, str(REPO / "run.py"), "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "--participant-label" in helped.stdout
+
+
+def test_preview_model_is_announced_in_the_log_and_in_every_sidecar(tmp_path, caplog):
+    from synthsr_bids.models.weights import PREVIEW_STATUS, STATUS_METADATA, save_safetensors
+
+    model = tmp_path / "early.safetensors"
+    save_safetensors(random_unet(), model, {STATUS_METADATA: PREVIEW_STATUS})
+    bids = build_clean_dataset(tmp_path / "ds")
+    out = tmp_path / "out"
+    argv = [str(bids), str(out), "participant", "--model", str(model), "--nthreads", "1", "--participant-label", "01",
+            "--skip-bids-validation", "-w", str(tmp_path / "work")]
+    with caplog.at_level(logging.WARNING):
+        assert main(argv) == 0
+    assert "early" in caplog.text and "is a preview" in caplog.text
+    sidecars = sorted(out.glob("sub-01/**/*_T1w.json"))
+    assert sidecars
+    for path in sidecars:
+        notes = json.loads(path.read_text())["SynthSR"]["Notes"]
+        assert any("is a preview" in note and "synthsr-v1" in note for note in notes), path

@@ -238,10 +238,12 @@ def test_command_line_train_and_export(tmp_path: Path):
     (package / "models").mkdir(parents=True)
     shutil.copy(REPO / "synthsr_bids" / "data" / "models.json", package / "models.json")
     (package / "models" / "synthsr-bids_v0.0.1.safetensors").write_bytes(b"older version")
-    done = subprocess.run(cmd + ["ship", "--config", str(toml), "--version", "0.1.0.dev2", "--package-data",
-                                 str(package)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd + ["ship", "--config", str(toml), "--version", "0.1.0.dev2", "--preview",
+                                 "--package-data", str(package)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     check_shipped(package, version="0.1.0.dev2", reg_steps=2, seg_steps=2)
+    reg = load_weights(package / "models" / "synthsr-bids_v0.1.0.dev2.safetensors")
+    assert reg.metadata["synthsr_bids.status"] == "preview"
     bad = subprocess.run(cmd + ["ship", "--config", str(toml), "--version", "../x", "--package-data", str(package)],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 65 and "version" in bad.stderr

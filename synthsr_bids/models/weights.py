@@ -36,6 +36,8 @@ from synthsr_bids.hashing import sha256_file
 from synthsr_bids.models.network import SynthSRUNet, UNetConfig
 
 __all__ = [
+    "STATUS_METADATA",
+    "PREVIEW_STATUS",
     "WeightFileError",
     "LoadedNetwork",
     "read_keras_h5",
@@ -52,6 +54,10 @@ FORMAT_KEY = "synthsr_bids.format"
 FORMAT_VALUE = "synthsr-unet/1"
 CONFIG_KEY = "synthsr_bids.unet_config"
 _RESERVED = (FORMAT_KEY, CONFIG_KEY)
+#: Free metadata key (and value) marking a model as a preview, i.e. an early training
+#: checkpoint: every output made with it says so (see ``python -m synthsr_bids.training ship``).
+STATUS_METADATA = "synthsr_bids.status"
+PREVIEW_STATUS = "preview"
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _BN_PARAMS = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}

@@ -49,6 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common(ship)
     ship.add_argument("--version", required=True, help="model version, e.g. 0.1.0.dev5000 (part of the file names)")
+    ship.add_argument("--preview", action="store_true",
+                      help="mark the synthesis model as a preview (an early checkpoint): outputs say so")
     ship.add_argument("--package-data", type=Path, default=Path(__file__).resolve().parents[1] / "data",
                       help="the package's data folder (holds models.json and models/)")
 
@@ -98,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: no checkpoint in {run_dir} (train first)", file=sys.stderr)
                 return 66
             try:
-                shipped = ship_run(run_dir, ckpt, version=args.version, package_data=args.package_data)
+                shipped = ship_run(run_dir, ckpt, version=args.version, package_data=args.package_data,
+                                   preview=args.preview)
             except ShipError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 65

@@ -30,7 +30,13 @@ import torch
 from synthsr_bids.hashing import sha256_file
 from synthsr_bids.io import write_json_atomic
 from synthsr_bids.models.network import SynthSRUNet, UNetConfig
-from synthsr_bids.models.weights import WeightFileError, load_weights, save_safetensors
+from synthsr_bids.models.weights import (
+    PREVIEW_STATUS,
+    STATUS_METADATA,
+    WeightFileError,
+    load_weights,
+    save_safetensors,
+)
 
 from .losses import SEG_INPUT_SCALE
 
@@ -85,18 +91,21 @@ def _load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def _write_regression(state: dict[str, Any], path: Path, *, version: str) -> int:
+def _write_regression(state: dict[str, Any], path: Path, *, version: str, preview: bool) -> int:
     model = SynthSRUNet(UNetConfig.from_dict(json.loads(state["reg_config"])))
     model.load_state_dict(state["regressor"])
     steps = int(state["step"])
-    save_safetensors(model, path, {
+    metadata = {
         "synthsr_bids.role": "regression",
         "synthsr_bids.trained_steps": str(steps),
         "synthsr_bids.version": version,
         "synthsr_bids.output_scale": repr(SYNTHESIS_OUTPUT_SCALE),
         "license": "Apache-2.0",
         "credits": CREDITS,
-    }, dtype=torch.float16)
+    }
+    if preview:
+        metadata[STATUS_METADATA] = PREVIEW_STATUS
+    save_safetensors(model, path, metadata, dtype=torch.float16)
     return steps
 
 
@@ -126,8 +135,13 @@ def _entry(template: dict[str, Any], *, name: str, version: str, filename: str, 
     return entry
 
 
-def ship_run(run_dir: Path, checkpoint: Path, *, version: str, package_data: Path) -> list[ShippedModel]:
-    """Export ``checkpoint`` and the run's segmenter into ``package_data`` and update its ``models.json``."""
+def ship_run(run_dir: Path, checkpoint: Path, *, version: str, package_data: Path,
+             preview: bool = False) -> list[ShippedModel]:
+    """Export ``checkpoint`` and the run's segmenter into ``package_data`` and update its ``models.json``.
+
+    ``preview`` marks the synthesis model as an early checkpoint: every output made with it
+    carries a note saying so (and the log a warning).
+    """
     if not _VERSION_RE.match(version):
         raise ShipError(f"version {version!r}: use letters, digits, '.', '+' and '-' (e.g. 0.1.0.dev5000)")
     registry_path = package_data / "models.json"
@@ -143,7 +157,7 @@ def ship_run(run_dir: Path, checkpoint: Path, *, version: str, package_data: Pat
     seg_file = out_dir / f"{SEGMENTATION_NAME}_v{version}.safetensors"
     seg_steps = _write_segmenter(run_dir / "segmenter.safetensors", seg_file, version=version)
     reg_file = out_dir / f"{REGRESSION_NAME}_v{version}.safetensors"
-    reg_steps = _write_regression(state, reg_file, version=version)
+    reg_steps = _write_regression(state, reg_file, version=version, preview=preview)
     for name, path, steps in ((REGRESSION_NAME, reg_file, reg_steps), (SEGMENTATION_NAME, seg_file, seg_steps)):
         shipped.append(ShippedModel(name, path, path.stat().st_size, sha256_file(path), steps))
 
@@ -153,7 +167,8 @@ def ship_run(run_dir: Path, checkpoint: Path, *, version: str, package_data: Pat
         models[REGRESSION_NAME], name=REGRESSION_NAME, version=version, filename=reg.path.name, size=reg.size,
         sha256=reg.sha256,
         description=f"synthsr-bids' own SynthSR-style regression U-Net ({reg.steps} regression steps on synthetic "
-                    "data); shipped inside the package. See MODEL_CARD.md.")
+                    f"data{'; PREVIEW: an early checkpoint below the quality targets' if preview else ''}); "
+                    "shipped inside the package. See MODEL_CARD.md.")
     models[SEGMENTATION_NAME] = _entry(
         models.get(SEGMENTATION_NAME, {"citation": citation}), name=SEGMENTATION_NAME, version=version,
         filename=seg.path.name, size=seg.size, sha256=seg.sha256,
