@@ -16,6 +16,7 @@ import pytest
 from filelock import FileLock
 
 from synthsr_bids.models import fetch as fetch_mod
+from synthsr_bids.models import registry
 from synthsr_bids.models.fetch import ModelDownloadError, fetch_model, import_model, lock_path, partial_path
 from synthsr_bids.models.registry import (
     USER_LICENSE,
@@ -323,3 +324,12 @@ def test_import_user_model_then_resolve_by_name(tmp_path: Path) -> None:
     found = resolve_model("mine", cache_dir=cache, registry={})
     assert (found.name, found.path, found.sha256) == ("mine", resolved.path,
                                                       hashlib.sha256(b"not registered" * 100).hexdigest())
+
+
+def test_unshipped_bundled_model_cannot_be_fetched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry, "BUNDLED_MODELS_DIR", tmp_path / "package-data")
+    spec = ModelSpec(name="ours", version="0.2", description="d", filename="ours_v0.2.safetensors", url=None,
+                     size=None, sha256=None, license="Apache-2.0", file_format="safetensors", citation="c",
+                     bundled=True)
+    with pytest.raises(ModelNotAvailableError, match="bundled inside the synthsr-bids package.*synthsr-models fetch"):
+        fetch_model(spec, cache_dir=tmp_path / "cache", progress=False)

@@ -79,7 +79,7 @@ def test_list_fetch_verify_path_roundtrip(site: dict) -> None:
     listed = _run(site, "list")
     assert listed.returncode == EXIT_OK, listed.stderr
     rows = _table(listed.stdout)
-    assert set(rows) == {"synthsr-bids", "synthsr-v1", "synthsr-v2", "synthsr-lowfield", "tiny"}
+    assert set(rows) == {"synthsr-bids", "synthsr-bids-seg", "synthsr-v1", "synthsr-v2", "synthsr-lowfield", "tiny"}
     assert rows["tiny"][-2:] == ["missing", str(site["cache"] / "tiny.h5")]
     assert "53.1 MB" in " ".join(rows["synthsr-v1"])
     assert f"Cache: {site['cache']}" in listed.stdout
@@ -117,8 +117,8 @@ def test_fetch_failure_messages(site: dict) -> None:
     assert result.returncode == EXIT_FAILURE
     assert f"expected sha256 {PAYLOAD_SHA256}" in result.stderr
     assert not (site["cache"] / "tiny.h5").exists()
-    bundled = _run(site, "fetch", "synthsr-bids")
-    assert bundled.returncode == EXIT_FAILURE and "bundled inside the synthsr-bids package" in bundled.stderr
+    bundled = _run(site, "fetch", "synthsr-bids")  # shipped in the package: nothing to download
+    assert bundled.returncode == EXIT_OK and "synthsr_bids/data/models/synthsr-bids_v" in bundled.stdout
 
 
 def test_import_registered_damaged_and_user_models(site: dict, tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ def _site_registry(tmp_path: Path, **changes: object) -> dict[str, ModelSpec]:
 
 def test_packaged_registry_holds_the_official_models() -> None:
     assert DEFAULT_MODEL == "synthsr-bids"
-    assert list(REGISTRY) == ["synthsr-bids", "synthsr-v1", "synthsr-v2", "synthsr-lowfield"]
+    assert list(REGISTRY) == ["synthsr-bids", "synthsr-bids-seg", "synthsr-v1", "synthsr-v2", "synthsr-lowfield"]
     v1 = REGISTRY["synthsr-v1"]
     assert v1.url == "https://raw.githubusercontent.com/BBillot/SynthSR/main/models/SynthSR_v10_210712.h5"
     assert (v1.size, v1.sha256) == (53_075_984, "2fd59e96196388360eba95254fb6dfc9eb9eb8638018b590575e47e0a387f255")
@@ -77,15 +77,13 @@ def test_packaged_registry_holds_the_official_models() -> None:
     assert bundled.license == "Apache-2.0"
 
 
-def test_default_model_not_shipped_explains_alternative(tmp_path: Path) -> None:
-    spec = REGISTRY[DEFAULT_MODEL]
-    shipped = spec.sha256 is not None and registry.bundled_path(spec).is_file()
-    if shipped:  # once the training work ships the file, the default must resolve and verify
-        resolved = resolve_model(None, cache_dir=tmp_path)
-        assert resolved.sha256 == spec.sha256 and resolved.spec == spec
-        return
+def test_bundled_model_not_shipped_explains_alternative(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(registry, "BUNDLED_MODELS_DIR", tmp_path / "package-data")
+    unshipped = ModelSpec(name="ours", version="0.2", description="d", filename="ours_v0.2.safetensors", url=None,
+                          size=None, sha256=None, license="Apache-2.0", file_format="safetensors", citation="c",
+                          bundled=True)
     with pytest.raises(ModelNotAvailableError) as excinfo:
-        resolve_model(None, cache_dir=tmp_path)
+        resolve_model("ours", cache_dir=tmp_path, registry={"ours": unshipped, "synthsr-v1": REGISTRY["synthsr-v1"]})
     message = str(excinfo.value)
     assert "not yet shipped" in message
     assert "`synthsr-models fetch synthsr-v1`" in message
@@ -288,7 +286,7 @@ def test_wrong_suffix_and_unknown_name(tmp_path: Path) -> None:
     with pytest.raises(ModelNotAvailableError, match=r"suffix '\.pt'.*\.h5 files and \.safetensors files only"):
         resolve_model(str(text), cache_dir=tmp_path, registry=REGISTRY)
     with pytest.raises(ModelNotAvailableError, match=r"Unknown model 'synthsr-v3'\. Registered models: "
-                                                     r"synthsr-bids, synthsr-v1, synthsr-v2, synthsr-lowfield"):
+                                                     r"synthsr-bids, synthsr-bids-seg, synthsr-v1, synthsr-v2, synthsr-lowfield"):
         resolve_model("synthsr-v3", cache_dir=tmp_path, registry=REGISTRY)
 
 
