@@ -18,7 +18,13 @@ from typing import Any, Sequence
 
 from synthsr_bids.config import RunConfig
 from synthsr_bids.derivatives import dataset as shared_files
-from synthsr_bids.derivatives.naming import OutputPaths, desc_for, description_for, output_paths
+from synthsr_bids.derivatives.naming import (
+    RESOLUTION_LABELS,
+    OutputPaths,
+    desc_for,
+    description_for,
+    output_paths,
+)
 from synthsr_bids.derivatives.sidecars import (
     ModelInfo,
     build_sidecar,
@@ -33,10 +39,6 @@ from synthsr_bids.io import load_scan, remove_stale_temporaries, save_nifti_atom
 
 LOGGER = logging.getLogger(__name__)
 
-RESOLUTION_LABELS = {
-    "1": "1 mm isotropic grid of the synthetic T1w (SynthSR output)",
-    "native": "the grid of the source image (the synthetic T1w resampled onto it with trilinear interpolation)",
-}
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,8 @@ def test_four_participant_jobs_share_one_output_folder(tmp_path):
     assert description["GeneratedBy"][0]["Name"] == "synthsr-bids"
     rows = list(csv.reader(io.StringIO((out / "descriptions.tsv").read_text()), delimiter="\t"))
     assert tuple(rows[0]) == DESCRIPTIONS_HEADER
-    assert sorted(r[0] for r in rows[1:]) == sorted(f"desc-synthsr{c}" for c, _ in SUBJECTS.values())
+    expected = {f"desc-synth{kind}{c}" for c, _ in SUBJECTS.values() for kind in ("sr", "seg")}  # default segmenter
+    assert sorted(r[0] for r in rows[1:]) == sorted(expected)
     assert all(len(r) == 2 and r[1] for r in rows[1:])
     ignore = (out / ".bidsignore").read_text().splitlines()
     assert sorted(ignore) == sorted(BIDSIGNORE_LINES)

@@ -237,8 +237,14 @@ def test_segmentation_model_contract(tmp_path):
         resolve_segmenter(str(tmp_path / "missing.safetensors"))
 
 
-def test_no_default_segmentation_model_means_skip(monkeypatch, tmp_path):
+def test_default_segmentation_model_is_the_bundled_one_and_skipped_when_unregistered(monkeypatch, tmp_path):
+    from synthsr_bids.models import registry
+
     monkeypatch.setenv("SYNTHSR_BIDS_MODELS", str(tmp_path / "models"))
+    bundled = resolve_segmenter(None)
+    assert bundled is not None and bundled.name == "synthsr-bids-seg"
+    without = {k: v for k, v in registry.get_registry().items() if k != "synthsr-bids-seg"}
+    monkeypatch.setattr(registry, "get_registry", lambda: without)
     assert resolve_segmenter(None) is None
 
 

@@ -142,7 +142,11 @@ def test_dataset_level_files(clean_run):
     assert description["DatasetLinks"]["raw"] == clean_run["bids"].as_uri()
     rows = (out / "descriptions.tsv").read_text().splitlines()
     assert rows[0] == "desc_id\tdescription"
-    assert sorted(r.split("\t")[0] for r in rows[1:]) == ["desc-synthsrFLAIR", "desc-synthsrT1w", "desc-synthsrT2w"]
+    # the synthetic images and their segmentations (the bundled segmenter runs by default)
+    assert sorted(r.split("\t")[0] for r in rows[1:]) == [
+        "desc-synthsegFLAIR", "desc-synthsegT1w", "desc-synthsegT2w", "desc-synthsrFLAIR", "desc-synthsrT1w",
+        "desc-synthsrT2w",
+    ]
     assert "logs" in (out / ".bidsignore").read_text().splitlines()
     assert list((out / "logs").glob("run-*.log")) and list((out / "logs").glob("config-*.json"))
 

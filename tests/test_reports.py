@@ -207,8 +207,9 @@ def test_concurrent_jobs_of_one_participant_share_the_report(tmp_path, reported)
     links = parse_report(out / "sub-05.html")
     text = " ".join(links.text)
     assert "sub-05_ses-1_desc-synthsrFLAIR_T1w.nii.gz" in text and "sub-05_ses-2_desc-synthsrT2w_T1w.nii.gz" in text
-    assert len(links.images) == 2 and all((out / src).is_file() for src in links.images)
-    assert "segmentation skipped: no segmentation model is available" in outputs[0]
+    # per image a mosaic and a segmentation figure (the bundled segmenter is the default)
+    assert len(links.images) == 4 and all((out / src).is_file() for src in links.images)
+    assert all("segmentation model synthsr-bids-seg" in output for output in outputs)
 
 
 @pytest.mark.slow

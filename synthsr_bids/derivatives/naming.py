@@ -19,6 +19,11 @@ from synthsr_bids.discovery import ENTITY_KEYS, ENTITY_ORDER
 DERIVED_ORDER: tuple[str, ...] = ("space", "res", "desc")
 DESC_PREFIX = "synthsr"
 OUTPUT_SUFFIX = "T1w"
+#: Meaning of the ``res`` entity values (the ``Resolution`` field of every sidecar of a ``res-`` file).
+RESOLUTION_LABELS = {
+    "1": "1 mm isotropic grid of the synthetic T1w (SynthSR output)",
+    "native": "the grid of the source image (the synthetic T1w resampled onto it with trilinear interpolation)",
+}
 
 
 def desc_for(source_suffix: str) -> str:

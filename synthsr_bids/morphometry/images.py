@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from synthsr_bids.derivatives.naming import DESC_PREFIX
+from synthsr_bids.derivatives.naming import DESC_PREFIX, RESOLUTION_LABELS
 from synthsr_bids.discovery import ENTITY_KEYS, ENTITY_ORDER, parse_entities
 
 SEGMENTATION_DESC_PREFIX = "synthseg"
@@ -69,6 +69,14 @@ class SyntheticImage:
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def resolution_field(self) -> dict[str, dict[str, str]]:
+        """``{"Resolution": {res: meaning}}`` for sidecars of files carrying this image's ``res``
+        entity (BIDS requires it with ``res``), else ``{}``."""
+        if not self.res:
+            return {}
+        return {"Resolution": {self.res: RESOLUTION_LABELS.get(self.res, f"the grid of the res-{self.res} image")}}
 
     @property
     def stem(self) -> str:

@@ -129,6 +129,7 @@ def write_lesion_mask(
             "Type": "Lesion",
             "Sources": [mask.uri],
             "SpatialReference": bids_uri_here(image.path, image.output_dir),
+            **image.resolution_field,
             "SynthSR": {
                 "LesionVolumeMM3": round(volume, 1),
                 "SourceLesionVolumeMM3": round(source_volume, 1),
@@ -168,6 +169,7 @@ def write_segmentation(
             "Description": segmentation_description(image.contrast),
             "Sources": [bids_uri_here(image.path, image.output_dir)],
             "SpatialReference": bids_uri_here(image.path, image.output_dir),
+            **image.resolution_field,
             "SynthSR": {
                 "SegmentationModel": {"Name": segmenter.name, "SHA256": segmenter.sha256, "License": segmenter.license},
                 "Labels": len(segmenter.table.ids),
