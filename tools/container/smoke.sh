@@ -37,6 +37,9 @@ run_app() {
     -v "${dir}/bids:/bids:ro" -v "${dir}/out:/out" -v "${dir}/models:/models:ro" \
     "${image}" /bids /out "$@"
 }
+echo "== bundled models inside the image (size and SHA-256 against the registry)"
+"${engine}" run --rm --network none --read-only --tmpfs /tmp --user "${uid_gid}" --entrypoint synthsr-models \
+  "${image}" verify synthsr-bids synthsr-bids-seg
 echo "== participant level (read-only, --user ${uid_gid}, no network)"
 run_app participant --model /models/tiny.safetensors --nthreads 1
 echo "== group level"
