@@ -40,7 +40,6 @@ from synthsr_bids.io import load_scan, remove_stale_temporaries, save_nifti_atom
 LOGGER = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class ScanResult:
     """What happened to one scan."""

@@ -154,8 +154,7 @@ def _add_downstream_options(parser: argparse.ArgumentParser) -> None:
         dest="segmentation_model",
         metavar="NAME|PATH",
         help="segmentation U-Net: a registered name or a .safetensors file with 'labels' "
-        "metadata (default: the registered segmentation model when installed, else "
-        "segmentation is skipped)",
+        "metadata (default: the bundled synthsr-bids-seg)",
     )
     downstream.add_argument(
         "--lesion-masks",
