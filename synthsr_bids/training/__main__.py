@@ -82,23 +82,19 @@ def main(argv: list[str] | None = None) -> int:
         return 64
     run_dir = Path(config.run.dir).resolve()
     try:
-        if args.command == "export":
+        if args.command in ("export", "ship"):
             _setup_logging(args.verbose, None)
             ckpt = latest_checkpoint(run_dir)
             if ckpt is None:
                 print(f"error: no checkpoint in {run_dir} (train first)", file=sys.stderr)
                 return 66
+        if args.command == "export":
             out = export_from_checkpoint(ckpt, args.output or run_dir / "model.safetensors")
             print(out)
             return 0
         if args.command == "ship":
             from .ship import ShipError, ship_run
 
-            _setup_logging(args.verbose, None)
-            ckpt = latest_checkpoint(run_dir)
-            if ckpt is None:
-                print(f"error: no checkpoint in {run_dir} (train first)", file=sys.stderr)
-                return 66
             try:
                 shipped = ship_run(run_dir, ckpt, version=args.version, package_data=args.package_data,
                                    preview=args.preview)

@@ -48,7 +48,6 @@ from .labels import (
     load_label_scheme,
 )
 from .losses import SEG_INPUT_SCALE, hard_dice, regression_loss, softmax_dice_loss
-from .ship import segmenter_metadata
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -608,8 +607,24 @@ def _contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]
     return {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
 
 
-def export_from_checkpoint(checkpoint: Path, output: Path) -> Path:
-    """Export the regression weights of a training checkpoint as float16 safetensors."""
+#: Synthesised T1w images are ``255 x`` the regression output (FreeSurfer-like: white matter ~110);
+#: the segmenter was trained on ``target x SEG_INPUT_SCALE``, i.e. on ``T1w x SEG_INPUT_SCALE / 255``.
+SYNTHESIS_OUTPUT_SCALE = 255.0
+
+
+def segmenter_metadata(labels: Sequence[int], *, steps: int) -> dict[str, str]:
+    """The safetensors metadata of a segmentation U-Net, as :mod:`synthsr_bids.morphometry.segment` reads it."""
+    return {
+        "synthsr_bids.role": "segmenter",
+        "synthsr_bids.steps": str(int(steps)),
+        "labels": json.dumps([int(v) for v in labels]),
+        "input_scale": repr(SEG_INPUT_SCALE / SYNTHESIS_OUTPUT_SCALE),
+        "license": "Apache-2.0",
+    }
+
+
+def regressor_from_checkpoint(checkpoint: Path) -> tuple[SynthSRUNet, int]:
+    """The regression U-Net of a training checkpoint and its number of regression steps."""
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -621,8 +636,14 @@ def export_from_checkpoint(checkpoint: Path, output: Path) -> Path:
                             "train until the regression stage has started")
     model = SynthSRUNet(UNetConfig.from_dict(json.loads(state["reg_config"])))
     model.load_state_dict(state["regressor"])
+    return model, int(state["step"])
+
+
+def export_from_checkpoint(checkpoint: Path, output: Path) -> Path:
+    """Export the regression weights of a training checkpoint as float16 safetensors."""
+    model, steps = regressor_from_checkpoint(checkpoint)
     return export_regression(model, Path(output), metadata={
         "synthsr_bids.role": "regression",
-        "synthsr_bids.trained_steps": str(int(state["step"])),
+        "synthsr_bids.trained_steps": str(steps),
         "license": "Apache-2.0",
     })

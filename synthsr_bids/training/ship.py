@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ import torch
 
 from synthsr_bids.hashing import sha256_file
 from synthsr_bids.io import write_json_atomic
-from synthsr_bids.models.network import SynthSRUNet, UNetConfig
 from synthsr_bids.models.weights import (
     PREVIEW_STATUS,
     STATUS_METADATA,
@@ -38,17 +36,19 @@ from synthsr_bids.models.weights import (
     save_safetensors,
 )
 
-from .losses import SEG_INPUT_SCALE
+from .loop import (
+    SYNTHESIS_OUTPUT_SCALE,
+    TrainingError,
+    regressor_from_checkpoint,
+    segmenter_metadata,
+)
 
-__all__ = ["ShippedModel", "segmenter_metadata", "ship_run", "REGRESSION_NAME", "SEGMENTATION_NAME"]
+__all__ = ["ShippedModel", "ShipError", "ship_run", "REGRESSION_NAME", "SEGMENTATION_NAME"]
 
 LOGGER = logging.getLogger(__name__)
 
 REGRESSION_NAME = "synthsr-bids"
 SEGMENTATION_NAME = "synthsr-bids-seg"
-#: Synthesised T1w images are ``255 x`` the regression output (FreeSurfer-like: white matter ~110);
-#: the segmenter was trained on ``target x SEG_INPUT_SCALE``, i.e. on ``T1w x SEG_INPUT_SCALE / 255``.
-SYNTHESIS_OUTPUT_SCALE = 255.0
 _VERSION_RE = re.compile(r"^[0-9A-Za-z][0-9A-Za-z.+-]*$")
 CREDITS = (
     "Trained on synthetic images generated from the SynthSeg training label maps (Billot et al., Medical Image "
@@ -69,32 +69,11 @@ class ShippedModel:
     steps: int
 
 
-def segmenter_metadata(labels: Sequence[int], *, steps: int) -> dict[str, str]:
-    """The safetensors metadata of a segmentation U-Net, as :mod:`synthsr_bids.morphometry.segment` reads it."""
-    return {
-        "synthsr_bids.role": "segmenter",
-        "synthsr_bids.steps": str(int(steps)),
-        "labels": json.dumps([int(v) for v in labels]),
-        "input_scale": repr(SEG_INPUT_SCALE / SYNTHESIS_OUTPUT_SCALE),
-        "license": "Apache-2.0",
-    }
-
-
-def _load_checkpoint(path: Path) -> dict[str, Any]:
+def _write_regression(checkpoint: Path, path: Path, *, version: str, preview: bool) -> int:
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises many types for corrupt/unsafe files
-        raise ShipError(f"{path}: cannot read the checkpoint ({exc})") from exc
-    if not isinstance(state, dict) or "regressor" not in state:
-        raise ShipError(f"{path}: has no regression weights yet (stage {state.get('stage') if isinstance(state, dict) else '?'}); "
-                        "train until the regression stage has started")
-    return state
-
-
-def _write_regression(state: dict[str, Any], path: Path, *, version: str, preview: bool) -> int:
-    model = SynthSRUNet(UNetConfig.from_dict(json.loads(state["reg_config"])))
-    model.load_state_dict(state["regressor"])
-    steps = int(state["step"])
+        model, steps = regressor_from_checkpoint(checkpoint)
+    except TrainingError as exc:
+        raise ShipError(str(exc)) from exc
     metadata = {
         "synthsr_bids.role": "regression",
         "synthsr_bids.trained_steps": str(steps),
@@ -149,7 +128,6 @@ def ship_run(run_dir: Path, checkpoint: Path, *, version: str, package_data: Pat
     models = {entry["name"]: entry for entry in document["models"]}
     if REGRESSION_NAME not in models:
         raise ShipError(f"{registry_path}: has no {REGRESSION_NAME!r} entry to update")
-    state = _load_checkpoint(checkpoint)
     out_dir = package_data / "models"
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -157,7 +135,7 @@ def ship_run(run_dir: Path, checkpoint: Path, *, version: str, package_data: Pat
     seg_file = out_dir / f"{SEGMENTATION_NAME}_v{version}.safetensors"
     seg_steps = _write_segmenter(run_dir / "segmenter.safetensors", seg_file, version=version)
     reg_file = out_dir / f"{REGRESSION_NAME}_v{version}.safetensors"
-    reg_steps = _write_regression(state, reg_file, version=version, preview=preview)
+    reg_steps = _write_regression(checkpoint, reg_file, version=version, preview=preview)
     for name, path, steps in ((REGRESSION_NAME, reg_file, reg_steps), (SEGMENTATION_NAME, seg_file, seg_steps)):
         shipped.append(ShippedModel(name, path, path.stat().st_size, sha256_file(path), steps))
 
