@@ -15,7 +15,7 @@ import torch
 
 from synthsr_bids.models.network import SynthSRUNet, UNetConfig
 from synthsr_bids.models.weights import load_weights
-from synthsr_bids.training.config import ConfigError, load_config
+from synthsr_bids.training.config import ConfigError, NetworkStage, load_config
 from synthsr_bids.training.generator import GeneratorConfig
 from synthsr_bids.training.labels import label_volume_from_array, load_label_scheme
 from synthsr_bids.training.loop import CHECKPOINT_FORMAT, Trainer, latest_checkpoint
@@ -104,6 +104,35 @@ def test_config_errors_name_the_file_and_key(tmp_path: Path):
         load_config(bad)
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, overrides=["threads=2"])
+
+
+def test_learning_rate_schedule_warmup_and_cosine():
+    stage = NetworkStage(steps=110, lr=1e-3, lr_schedule="cosine", lr_min=1e-5, warmup_steps=10)
+    assert stage.learning_rate(0) == pytest.approx(1e-4)  # warm-up ramp: lr * 1/10
+    assert stage.learning_rate(9) == pytest.approx(1e-3)
+    assert stage.learning_rate(10) == pytest.approx(1e-3)  # cosine starts at the peak ...
+    assert stage.learning_rate(60) == pytest.approx((1e-3 + 1e-5) / 2)  # ... is half-way at mid-span ...
+    assert stage.learning_rate(110) == pytest.approx(1e-5)  # ... and ends at lr_min
+    assert stage.learning_rate(500) == pytest.approx(1e-5)  # steps raised later: no wrap-around
+    assert NetworkStage(lr=3e-4).learning_rate(12345) == pytest.approx(3e-4)
+
+
+def test_learning_rate_config_errors():
+    with pytest.raises(ConfigError, match="lr_schedule"):
+        load_config(None, overrides=["regression.lr_schedule=\"step\""])
+    with pytest.raises(ConfigError, match="lr_min <= lr"):
+        load_config(None, overrides=["regression.lr=1e-4", "regression.lr_min=1e-3"])
+
+
+def test_resumed_run_follows_the_configured_learning_rate(tmp_path: Path, volumes):
+    # The optimiser state in a checkpoint carries the old rate; the configuration must win.
+    make_trainer(tiny_config(tmp_path / "run", seg_steps=0, reg_steps=10), volumes).run(max_steps=2)
+    config = tiny_config(tmp_path / "run", seg_steps=0, reg_steps=10)
+    config = dataclasses.replace(config, regression=dataclasses.replace(config.regression, lr=2e-4))
+    trainer = make_trainer(config, volumes)
+    trainer.run(max_steps=1)
+    assert trainer.step == 3
+    assert [g["lr"] for g in trainer.reg_opt.param_groups] == [pytest.approx(2e-4)]
 
 
 # ---------------------------------------------------------------------------- training
@@ -232,6 +261,17 @@ def test_command_line_train_and_export(tmp_path: Path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert load_weights(out).config.base_features == 4
+
+    # report: curves from the logs, the validation sample through the newest checkpoint
+    done = subprocess.run(cmd + ["report", "--config", str(toml)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    index = Path(done.stdout.strip())
+    assert index == run / "report" / "index.html"
+    html = index.read_text()
+    assert "Regression stage</th><td>2 of 2 steps" in html and "ckpt-00000004.pt" in html
+    assert 'src="curves.png"' in html and 'src="samples.png"' in html
+    for name in ("curves.png", "samples.png"):
+        assert (index.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     # ship: both networks into a copy of the package data, registered with size and sha256
     package = tmp_path / "package-data"

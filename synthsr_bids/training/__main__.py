@@ -1,4 +1,4 @@
-"""``python -m synthsr_bids.training {train,export,benchmark}``.
+"""``python -m synthsr_bids.training {train,export,ship,report,benchmark}``.
 
 * ``train``: run/resume the two-stage job of a TOML config (see ``configs/default.toml``) until it
   is done, ``--max-steps`` or ``--max-minutes``; SIGTERM/SIGINT stop after the current step with a
@@ -6,6 +6,8 @@
 * ``export``: write the regression weights of the newest checkpoint as float16 safetensors.
 * ``ship``: put the newest regression weights and the run's segmenter into the package as the
   bundled ``synthsr-bids`` / ``synthsr-bids-seg`` models (files + ``models.json``).
+* ``report``: ``<run dir>/report/index.html``: loss and validation curves, the validation samples
+  through the newest checkpoint, Dice per structure.
 * ``benchmark``: seconds per generator sample and per network step for the configured sizes.
 """
 
@@ -53,6 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="mark the synthesis model as a preview (an early checkpoint): outputs say so")
     ship.add_argument("--package-data", type=Path, default=Path(__file__).resolve().parents[1] / "data",
                       help="the package's data folder (holds models.json and models/)")
+
+    report = sub.add_parser("report", help="write the run's HTML report: curves and validation samples",
+                            formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common(report)
+    report.add_argument("--output", type=Path, default=None, help="folder (default: <run dir>/report)")
 
     bench = sub.add_parser("benchmark", help="time the generator and the network steps")
     common(bench)
@@ -103,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
                 return 65
             for model in shipped:
                 print(f"{model.name}\t{model.path}\t{model.size}\t{model.sha256}")
+            return 0
+        if args.command == "report":
+            from .report import write_training_report
+
+            _setup_logging(args.verbose, None)
+            print(write_training_report(config, output=args.output))
             return 0
         if args.command == "benchmark":
             _setup_logging(args.verbose, None)

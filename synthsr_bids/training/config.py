@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -66,6 +67,9 @@ class DataSection:
     contrast_priors: Path | None = None
 
 
+LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass(frozen=True)
 class NetworkStage:
     """One U-Net and how long/fast it is trained."""
@@ -75,10 +79,27 @@ class NetworkStage:
     feat_mult: int = 2
     convs_per_level: int = 2
     steps: int = 1000
-    lr: float = 1e-4
+    lr: float = 1e-4  #: Adam learning rate (the peak, when a schedule is set)
+    lr_schedule: str = "constant"  #: "constant", or "cosine": decays lr to lr_min by the last step
+    lr_min: float = 0.0  #: cosine only: the learning rate at ``steps``
+    warmup_steps: int = 0  #: linear ramp from lr / warmup_steps up to lr over the first steps
     batch_size: int = 1
     seg_loss_weight: float = 0.25  #: regression only: weight of the frozen segmenter's soft Dice
     target_input_prob: float = 0.2  #: segmentation only: share of steps fed the clean T1 target
+
+    def learning_rate(self, step: int) -> float:
+        """The learning rate of (0-based) ``step``: warm-up, then the schedule.
+
+        Applied to the optimiser at every step, so that a resumed run follows the configuration
+        (an optimiser state restored from a checkpoint would otherwise keep its old rate).
+        """
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return self.lr
+        span = max(self.steps - self.warmup_steps, 1)
+        progress = min(max(step - self.warmup_steps, 0) / span, 1.0)
+        return self.lr_min + 0.5 * (self.lr - self.lr_min) * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass(frozen=True)
@@ -234,6 +255,11 @@ def _validate(config: TrainingConfig, where: str) -> None:
         stage: NetworkStage = getattr(config, stage_name)
         if stage.steps < 0 or stage.batch_size < 1 or stage.lr <= 0:
             raise ConfigError(f"{where} [{stage_name}]: steps >= 0, batch_size >= 1 and lr > 0 are required")
+        if stage.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"{where} [{stage_name}].lr_schedule must be one of {LR_SCHEDULES}, "
+                              f"got {stage.lr_schedule!r}")
+        if not 0 <= stage.lr_min <= stage.lr or stage.warmup_steps < 0:
+            raise ConfigError(f"{where} [{stage_name}]: 0 <= lr_min <= lr and warmup_steps >= 0 are required")
         multiple = 2 ** (stage.n_levels - 1)
         bad = [s for s in config.generator.crop_shape if s % multiple]
         if bad:

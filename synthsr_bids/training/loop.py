@@ -143,6 +143,24 @@ def load_volumes(
     return volumes
 
 
+def label_scheme(config: TrainingConfig) -> LabelScheme:
+    """The label tables named in ``config.data`` (the package's SynthSeg copies by default)."""
+    data = config.data
+    return load_label_scheme(
+        generation_labels=data.generation_labels, random_classes=data.random_classes,
+        contrast_classes=data.contrast_classes, segmentation_labels=data.segmentation_labels,
+        t1_mean_prior=data.t1_mean_prior, t1_std_prior=data.t1_std_prior)
+
+
+def load_validation_volumes(config: TrainingConfig, scheme: LabelScheme) -> list[LabelVolume]:
+    """The held-out label maps of ``config.data`` (empty when none are configured)."""
+    data = config.data
+    if not data.validation_maps:
+        return []
+    return load_volumes(data.validation_maps, scheme, aliases=dict(data.validation_aliases),
+                        split_left_right=data.validation_split_left_right)
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
     """The checkpoint with the highest global step in ``run_dir`` (None if there is none)."""
     best: tuple[int, Path] | None = None
@@ -203,16 +221,12 @@ class Trainer:
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise TrainingError(f"[run].device is {config.run.device!r} but CUDA is not available (set device = \"cpu\")")
         data = config.data
-        self.scheme = scheme or load_label_scheme(
-            generation_labels=data.generation_labels, random_classes=data.random_classes,
-            contrast_classes=data.contrast_classes, segmentation_labels=data.segmentation_labels,
-            t1_mean_prior=data.t1_mean_prior, t1_std_prior=data.t1_std_prior)
+        self.scheme = scheme or label_scheme(config)
         self.contrasts = contrasts or load_contrast_priors(data.contrast_priors, n_classes=self.scheme.n_contrast_classes)
         if volumes is None:
             volumes = load_volumes(data.training_maps, self.scheme)
-        if validation_volumes is None and data.validation_maps:
-            validation_volumes = load_volumes(data.validation_maps, self.scheme, aliases=dict(data.validation_aliases),
-                                              split_left_right=data.validation_split_left_right)
+        if validation_volumes is None:
+            validation_volumes = load_validation_volumes(config, self.scheme)
         self.generator = SynthGenerator(volumes, self.scheme, self.contrasts, config.generator,
                                         seed=config.run.seed, device=self.device)
         self.validation_volumes = list(validation_volumes or [])
@@ -293,6 +307,7 @@ class Trainer:
                 logits = self.segmenter(self._to_net(x))
             loss = softmax_dice_loss(logits, batch.labels.to(self.device))
             loss.backward()
+            _set_learning_rate(self.seg_opt, stage_cfg.learning_rate(self.step))
             self.seg_opt.step()
             value = float(loss.detach())
             l1, dice = math.nan, value
@@ -305,6 +320,7 @@ class Trainer:
                 terms = regression_loss(pred, batch.target.to(self.device), batch.labels.to(self.device),
                                         segmenter=self.segmenter, seg_weight=stage_cfg.seg_loss_weight)
             terms.total.backward()
+            _set_learning_rate(self.reg_opt, stage_cfg.learning_rate(self.step))
             self.reg_opt.step()
             value, l1, dice = float(terms.total.detach()), terms.l1, terms.dice_loss
         t2 = time.perf_counter()
@@ -580,8 +596,9 @@ class Trainer:
                 on_step(result)
             if self.step % run_cfg.log_every == 0:
                 self._log_rows(pending)
-                LOGGER.info("%s step %d/%d: loss %.4f (generator %.2fs, network %.2fs)", self.stage, self.step,
-                            stage_cfg.steps, result.loss, result.generator_seconds, result.network_seconds)
+                LOGGER.info("%s step %d/%d: loss %.4f, lr %.2e (generator %.2fs, network %.2fs)", self.stage,
+                            self.step, stage_cfg.steps, result.loss, stage_cfg.learning_rate(self.step - 1),
+                            result.generator_seconds, result.network_seconds)
                 pending = []
             if self.step % run_cfg.validate_every == 0:
                 self.validate()
@@ -600,6 +617,11 @@ class Trainer:
         model = self.export() if self.regressor is not None else None
         return RunSummary(stage=self.stage, global_step=self.global_step, steps_this_session=done_here,
                           checkpoint=checkpoint, model=model)
+
+
+def _set_learning_rate(optimiser: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimiser.param_groups:
+        group["lr"] = lr
 
 
 def _contiguous_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
