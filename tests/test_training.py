@@ -18,8 +18,14 @@ from synthsr_bids.models.weights import load_weights
 from synthsr_bids.training.config import ConfigError, NetworkStage, load_config
 from synthsr_bids.training.generator import GeneratorConfig
 from synthsr_bids.training.labels import label_volume_from_array, load_label_scheme
-from synthsr_bids.training.loop import CHECKPOINT_FORMAT, Trainer, latest_checkpoint
-from synthsr_bids.training.losses import hard_dice, soft_dice, soft_dice_loss, softmax_dice_loss
+from synthsr_bids.training.loop import CHECKPOINT_FORMAT, LOSS_COLUMNS, Trainer, latest_checkpoint
+from synthsr_bids.training.losses import (
+    hard_dice,
+    regression_loss,
+    soft_dice,
+    soft_dice_loss,
+    softmax_dice_loss,
+)
 from synthsr_bids.training.phantoms import head_phantom
 
 REPO = Path(__file__).resolve().parents[1]
@@ -231,6 +237,88 @@ def test_exported_safetensors_loads_into_synthsrunet(tmp_path: Path, volumes):
     x = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(loaded.model(x), reference(x), atol=1e-5)
+
+
+def test_auxiliary_segmentation_outputs_train_and_are_dropped_at_export(tmp_path: Path, volumes):
+    config = tiny_config(tmp_path / "run", seg_steps=1, reg_steps=3)
+    config = dataclasses.replace(config, regression=dataclasses.replace(config.regression, aux_seg_weight=0.5))
+    trainer = make_trainer(config, volumes)
+    n_seg = trainer.scheme.n_segmentation_labels
+    assert trainer.reg_config.out_channels == 1 + n_seg
+    results = []
+    summary = trainer.run(on_step=lambda r: results.append(r))
+    reg = [r for r in results if r.stage == "regression"]
+    assert len(reg) == 3 and all(0.0 < r.aux_dice_loss < 1.0 for r in reg)
+    # the logged total is L1 + 0.25 x frozen-segmenter Dice + 0.5 x auxiliary Dice
+    assert all(r.loss == pytest.approx(r.l1 + 0.25 * r.dice_loss + 0.5 * r.aux_dice_loss, rel=1e-5) for r in reg)
+    header = (tmp_path / "run" / "loss.csv").read_text().splitlines()[0]
+    assert header.endswith(",aux_dice_loss")
+    loaded = load_weights(summary.model)
+    assert loaded.config.out_channels == 1  # the shipped network is the image channel only
+    full = SynthSRUNet(trainer.reg_config)
+    full.load_state_dict({k: v.half().float() for k, v in trainer.regressor.state_dict().items()})
+    full.eval()
+    x = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(x), full(x)[:, :1], atol=1e-5)
+
+
+def test_auxiliary_outputs_can_be_switched_on_and_off_in_a_running_job(tmp_path: Path, volumes):
+    run = tmp_path / "run"
+
+    def config(aux: float):
+        c = tiny_config(run, seg_steps=1, reg_steps=20)
+        return dataclasses.replace(c, regression=dataclasses.replace(c.regression, aux_seg_weight=aux))
+
+    plain = make_trainer(config(0.0), volumes)
+    plain.run(max_steps=3)
+    before = {k: v.clone() for k, v in plain.regressor.state_dict().items()}
+    on = make_trainer(config(0.5), volumes)
+    on.load_checkpoint(latest_checkpoint(run))
+    n_out = on.reg_config.out_channels
+    assert n_out > 1 and on.step == 2
+    head = on.regressor.state_dict()["head.weight"]
+    assert torch.equal(head[:1], before["head.weight"]) and not head[1:].any()  # image kept, aux at zero
+    moments = on.reg_opt.state_dict()["state"]
+    assert all(m["exp_avg"].shape == p.shape for m, p in zip(moments.values(), on.regressor.parameters()))
+    on.run(max_steps=2)  # trains with the auxiliary loss, checkpoints the wider head
+    off = make_trainer(config(0.0), volumes)
+    off.load_checkpoint(latest_checkpoint(run))
+    assert off.reg_config.out_channels == 1 and off.step == 4
+    assert torch.equal(off.regressor.state_dict()["head.weight"], on.regressor.state_dict()["head.weight"][:1])
+    off.run(max_steps=1)
+
+
+def test_regression_loss_terms():
+    target = torch.full((1, 1, 4, 4, 4), 0.5)
+    labels = torch.zeros(1, 1, 4, 4, 4, dtype=torch.int64)
+    labels[..., 2:] = 1
+    image = torch.full((1, 1, 4, 4, 4), 0.25)
+    plain = regression_loss(image, target, labels, segmenter=None, seg_weight=0.25)
+    assert plain.l1 == pytest.approx(0.25) and plain.dice_loss == 0.0 and plain.aux_dice_loss == 0.0
+    # perfect auxiliary logits: softmax ~ one-hot of the labels, Dice loss ~ 0
+    logits = torch.nn.functional.one_hot(labels[:, 0], 2).permute(0, 4, 1, 2, 3).float() * 40.0
+    terms = regression_loss(torch.cat([image, logits], 1), target, labels, segmenter=None, seg_weight=0.25,
+                            aux_weight=2.0)
+    assert terms.l1 == pytest.approx(0.25) and terms.aux_dice_loss == pytest.approx(0.0, abs=1e-4)
+    swapped = regression_loss(torch.cat([image, logits.flip(1)], 1), target, labels, segmenter=None,
+                              seg_weight=0.25, aux_weight=2.0)
+    assert swapped.aux_dice_loss == pytest.approx(1.0, abs=1e-4)
+    assert float(swapped.total) == pytest.approx(0.25 + 2.0 * swapped.aux_dice_loss, rel=1e-5)
+    with pytest.raises(ValueError, match="auxiliary"):
+        regression_loss(image, target, labels, segmenter=None, seg_weight=0.0, aux_weight=1.0)
+
+
+def test_old_loss_log_is_upgraded_before_new_rows_are_appended(tmp_path: Path, volumes):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "loss.csv").write_text("time,stage,step,global_step,loss,l1,dice_loss,generator_s,network_s\n"
+                                  "1,segmentation,1,1,0.9,,0.9,0.5,1.5\n")
+    make_trainer(tiny_config(run, seg_steps=2, reg_steps=0), volumes).run(max_steps=1)
+    lines = (run / "loss.csv").read_text().splitlines()
+    assert lines[0].split(",") == list(LOSS_COLUMNS)
+    assert lines[1] == "1,segmentation,1,1,0.9,,0.9,0.5,1.5,"
+    assert len(lines) == 3 and len(lines[2].split(",")) == len(LOSS_COLUMNS)
 
 
 def test_command_line_train_and_export(tmp_path: Path):

@@ -85,6 +85,9 @@ class NetworkStage:
     warmup_steps: int = 0  #: linear ramp from lr / warmup_steps up to lr over the first steps
     batch_size: int = 1
     seg_loss_weight: float = 0.25  #: regression only: weight of the frozen segmenter's soft Dice
+    #: regression only: > 0 adds one output channel per segmentation label to the regressor, trained with
+    #: this weight x soft Dice against the label map (an auxiliary task; exports keep the image channel only)
+    aux_seg_weight: float = 0.0
     target_input_prob: float = 0.2  #: segmentation only: share of steps fed the clean T1 target
 
     def learning_rate(self, step: int) -> float:
@@ -258,6 +261,8 @@ def _validate(config: TrainingConfig, where: str) -> None:
         if stage.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"{where} [{stage_name}].lr_schedule must be one of {LR_SCHEDULES}, "
                               f"got {stage.lr_schedule!r}")
+        if stage.aux_seg_weight < 0 or stage.seg_loss_weight < 0:
+            raise ConfigError(f"{where} [{stage_name}]: loss weights must be >= 0")
         if not 0 <= stage.lr_min <= stage.lr or stage.warmup_steps < 0:
             raise ConfigError(f"{where} [{stage_name}]: 0 <= lr_min <= lr and warmup_steps >= 0 are required")
         multiple = 2 ** (stage.n_levels - 1)

@@ -100,6 +100,7 @@ class StepResult:
     dice_loss: float
     generator_seconds: float
     network_seconds: float
+    aux_dice_loss: float = math.nan  #: regression with auxiliary segmentation outputs only
 
 
 @dataclass(frozen=True)
@@ -190,9 +191,19 @@ def _unet_config(stage: NetworkStage, *, out_channels: int, activation: str) -> 
                       convs_per_level=stage.convs_per_level, final_activation=activation)
 
 
+def image_head_only(model: SynthSRUNet) -> SynthSRUNet:
+    """The regressor without its auxiliary segmentation outputs (head channel 0 only): the shipped network."""
+    if model.config.out_channels == 1:
+        return model
+    single = SynthSRUNet(dataclasses.replace(model.config, out_channels=1))
+    state = {k: (v[:1] if k.startswith("head.") else v) for k, v in model.state_dict().items()}
+    single.load_state_dict(state)
+    return single
+
+
 def export_regression(model: SynthSRUNet, path: Path, *, metadata: dict[str, str]) -> Path:
-    """Write the regression U-Net as float16 safetensors (atomic) via models/weights.py."""
-    save_safetensors(model, path, metadata, dtype=torch.float16)
+    """Write the regression U-Net (image channel only) as float16 safetensors (atomic) via models/weights.py."""
+    save_safetensors(image_head_only(model), path, metadata, dtype=torch.float16)
     return path
 
 
@@ -238,7 +249,8 @@ class Trainer:
         self.seg_config = _unet_config(config.segmentation, out_channels=n_seg, activation="softmax")
         # Trained and used as a logits network; the softmax is fused into the loss (losses.py).
         self._seg_logits_config = dataclasses.replace(self.seg_config, final_activation="linear")
-        self.reg_config = _unet_config(config.regression, out_channels=1, activation="linear")
+        aux_channels = n_seg if config.regression.aux_seg_weight > 0 else 0
+        self.reg_config = _unet_config(config.regression, out_channels=1 + aux_channels, activation="linear")
         self.stage = "segmentation" if config.segmentation.steps > 0 else "regression"
         self.step = 0
         self.global_step = 0
@@ -310,7 +322,7 @@ class Trainer:
             _set_learning_rate(self.seg_opt, stage_cfg.learning_rate(self.step))
             self.seg_opt.step()
             value = float(loss.detach())
-            l1, dice = math.nan, value
+            l1, dice, aux = math.nan, value, math.nan
         else:
             assert self.regressor is not None and self.reg_opt is not None
             self.regressor.train()
@@ -318,18 +330,20 @@ class Trainer:
             with self._autocast():
                 pred = self.regressor(self._to_net(batch.input))
                 terms = regression_loss(pred, batch.target.to(self.device), batch.labels.to(self.device),
-                                        segmenter=self.segmenter, seg_weight=stage_cfg.seg_loss_weight)
+                                        segmenter=self.segmenter, seg_weight=stage_cfg.seg_loss_weight,
+                                        aux_weight=stage_cfg.aux_seg_weight)
             terms.total.backward()
             _set_learning_rate(self.reg_opt, stage_cfg.learning_rate(self.step))
             self.reg_opt.step()
             value, l1, dice = float(terms.total.detach()), terms.l1, terms.dice_loss
+            aux = terms.aux_dice_loss if stage_cfg.aux_seg_weight > 0 else math.nan
         t2 = time.perf_counter()
         self.step += 1
         self.global_step += 1
         if not math.isfinite(value):
             raise TrainingError(f"{self.stage} loss is {value} at step {self.step}; lower [{self.stage}].lr and "
                                 f"resume from the last checkpoint in {self.run_dir}")
-        return StepResult(self.stage, self.step, self.global_step, value, l1, dice, t1 - t0, t2 - t1)
+        return StepResult(self.stage, self.step, self.global_step, value, l1, dice, t1 - t0, t2 - t1, aux)
 
     def _finish_stage(self) -> None:
         if self._last_validation != self.global_step:
@@ -387,7 +401,7 @@ class Trainer:
             else:
                 assert self.regressor is not None
                 with self._autocast():
-                    pred = self.regressor(self._to_net(batch.input)).float()
+                    pred = self.regressor(self._to_net(batch.input))[:, :1].float()
                 target = batch.target.to(self.device)
                 l1s.append(float((pred - target).abs().mean()))
                 mask = batch.lesion_mask.to(self.device)
@@ -482,6 +496,8 @@ class Trainer:
             raise TrainingError(f"{path}: not a synthsr-bids training checkpoint")
         for key, mine in (("seg_config", self.seg_config), ("reg_config", self.reg_config)):
             theirs = UNetConfig.from_dict(json.loads(state[key]))
+            if key == "reg_config" and dataclasses.replace(theirs, out_channels=mine.out_channels) == mine:
+                continue  # auxiliary segmentation outputs switched on or off: only the head changes (below)
             if theirs != mine:
                 raise TrainingError(f"{path}: was written for {theirs}, the configuration asks for {mine}; use a new "
                                     "[run].dir or restore the old network settings")
@@ -507,8 +523,14 @@ class Trainer:
             self._new_regressor()
             assert self.regressor is not None and self.reg_opt is not None
             if "regressor" in state:
-                self.regressor.load_state_dict(state["regressor"])
-                self.reg_opt.load_state_dict(state["reg_opt"])
+                weights, moments = state["regressor"], state["reg_opt"]
+                if weights["head.bias"].shape[0] != self.reg_config.out_channels:
+                    LOGGER.warning("%s: regressor head resized from %d to %d output channels ([regression]."
+                                   "aux_seg_weight changed); new channels start at zero", path,
+                                   weights["head.bias"].shape[0], self.reg_config.out_channels)
+                    weights, moments = _resize_head(weights, moments, self.regressor)
+                self.regressor.load_state_dict(weights)
+                self.reg_opt.load_state_dict(moments)
         # Last: building the networks above drew their (discarded) initial weights from it.
         torch.set_rng_state(state["torch_rng"])
         LOGGER.info("resumed from %s: stage %s, step %d (global %d)", path, self.stage, self.step, self.global_step)
@@ -535,16 +557,17 @@ class Trainer:
         if not rows:
             return
         path = self.run_dir / "loss.csv"
+        _upgrade_loss_log(path)
         new = not path.exists()
         with path.open("a", newline="") as fh:
             writer = csv.writer(fh)
             if new:
-                writer.writerow(["time", "stage", "step", "global_step", "loss", "l1", "dice_loss",
-                                 "generator_s", "network_s"])
+                writer.writerow(LOSS_COLUMNS)
             for r in rows:
                 writer.writerow([f"{time.time():.0f}", r.stage, r.step, r.global_step, f"{r.loss:.6f}",
                                  "" if math.isnan(r.l1) else f"{r.l1:.6f}", f"{r.dice_loss:.6f}",
-                                 f"{r.generator_seconds:.3f}", f"{r.network_seconds:.3f}"])
+                                 f"{r.generator_seconds:.3f}", f"{r.network_seconds:.3f}",
+                                 "" if math.isnan(r.aux_dice_loss) else f"{r.aux_dice_loss:.6f}"])
 
     def run(
         self,
@@ -619,6 +642,55 @@ class Trainer:
                           checkpoint=checkpoint, model=model)
 
 
+#: Columns of loss.csv (``aux_dice_loss``: empty without auxiliary segmentation outputs).
+LOSS_COLUMNS = ("time", "stage", "step", "global_step", "loss", "l1", "dice_loss", "generator_s", "network_s",
+                "aux_dice_loss")
+
+
+def _upgrade_loss_log(path: Path) -> None:
+    """Rewrite (atomically) a loss.csv written with fewer columns, so that new rows line up with its header."""
+    if not path.is_file():
+        return
+    with path.open(newline="") as fh:
+        header = next(csv.reader(fh), None)
+        if header is None or tuple(header) == LOSS_COLUMNS:
+            return
+        fh.seek(0)
+        rows = list(csv.DictReader(fh))
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    with tmp.open("w", newline="") as out:
+        writer = csv.DictWriter(out, fieldnames=LOSS_COLUMNS, restval="", extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
+
+
+def _fit_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """``tensor`` cut or zero-padded along its first dimension to ``rows``."""
+    if tensor.shape[0] >= rows:
+        return tensor[:rows].clone()
+    pad = torch.zeros((rows - tensor.shape[0],) + tuple(tensor.shape[1:]), dtype=tensor.dtype)
+    return torch.cat([tensor, pad])
+
+
+def _resize_head(weights: dict[str, Any], optimiser: dict[str, Any],
+                 model: SynthSRUNet) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Checkpointed regressor weights and Adam state with the head fitted to ``model``'s output channels.
+
+    Channel 0 (the image) keeps its weights and moments; added auxiliary channels start at zero
+    (uniform softmax), removed ones are dropped.
+    """
+    rows = model.config.out_channels
+    weights = {k: (_fit_rows(v, rows) if k.startswith("head.") else v) for k, v in weights.items()}
+    params = list(model.parameters())
+    state = {}
+    for index, moments in optimiser["state"].items():
+        shape = params[int(index)].shape
+        state[index] = {k: (_fit_rows(v, shape[0]) if torch.is_tensor(v) and v.dim() and v.shape != shape else v)
+                        for k, v in moments.items()}
+    return weights, {**optimiser, "state": state}
+
+
 def _set_learning_rate(optimiser: torch.optim.Optimizer, lr: float) -> None:
     for group in optimiser.param_groups:
         group["lr"] = lr
@@ -658,7 +730,7 @@ def regressor_from_checkpoint(checkpoint: Path) -> tuple[SynthSRUNet, int]:
                             "train until the regression stage has started")
     model = SynthSRUNet(UNetConfig.from_dict(json.loads(state["reg_config"])))
     model.load_state_dict(state["regressor"])
-    return model, int(state["step"])
+    return image_head_only(model), int(state["step"])
 
 
 def export_from_checkpoint(checkpoint: Path, output: Path) -> Path:

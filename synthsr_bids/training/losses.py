@@ -141,6 +141,7 @@ class RegressionLoss:
     total: Tensor
     l1: float
     dice_loss: float
+    aux_dice_loss: float = 0.0
 
 
 def regression_loss(
@@ -150,17 +151,29 @@ def regression_loss(
     *,
     segmenter: torch.nn.Module | None,
     seg_weight: float,
+    aux_weight: float = 0.0,
 ) -> RegressionLoss:
-    """``L1(prediction, target) + seg_weight * (1 - soft Dice(segmenter(prediction), labels))``.
+    """``L1(image, target) + seg_weight * (1 - soft Dice(segmenter(image), labels))
+    [+ aux_weight * (1 - soft Dice(softmax(aux), labels))]``.
 
-    ``segmenter`` returns *logits* (a segmentation U-Net built with ``final_activation="linear"``;
-    the softmax is fused into :func:`softmax_dice_loss`). It is frozen (its parameters need no
-    gradient) but the loss is differentiated through it with respect to ``prediction``.
+    ``prediction`` is ``(N, 1, ...)``, the image, or ``(N, 1 + C, ...)``: the image then one logit
+    per segmentation label (the regressor's auxiliary segmentation outputs, used when ``aux_weight``
+    is > 0). ``segmenter`` returns *logits* (a segmentation U-Net built with
+    ``final_activation="linear"``; the softmax is fused into :func:`softmax_dice_loss`). It is frozen
+    (its parameters need no gradient) but the loss is differentiated through it with respect to the image.
     """
-    l1 = (prediction.float() - target.float()).abs().mean()
-    if segmenter is None or seg_weight == 0:
-        return RegressionLoss(total=l1, l1=float(l1.detach()), dice_loss=0.0)
-    logits = segmenter(prediction * SEG_INPUT_SCALE)
-    dice_loss = softmax_dice_loss(logits, labels)
-    total = l1 + seg_weight * dice_loss
-    return RegressionLoss(total=total, l1=float(l1.detach()), dice_loss=float(dice_loss.detach()))
+    image = prediction[:, :1]
+    l1 = (image.float() - target.float()).abs().mean()
+    total = l1
+    dice_value = aux_value = 0.0
+    if segmenter is not None and seg_weight != 0:
+        dice_loss = softmax_dice_loss(segmenter(image * SEG_INPUT_SCALE), labels)
+        total = total + seg_weight * dice_loss
+        dice_value = float(dice_loss.detach())
+    if aux_weight != 0:
+        if prediction.shape[1] < 2:
+            raise ValueError("aux_weight > 0 needs a prediction with auxiliary segmentation channels")
+        aux_loss = softmax_dice_loss(prediction[:, 1:], labels)
+        total = total + aux_weight * aux_loss
+        aux_value = float(aux_loss.detach())
+    return RegressionLoss(total=total, l1=float(l1.detach()), dice_loss=dice_value, aux_dice_loss=aux_value)

@@ -223,7 +223,7 @@ def _predict(trainer: Trainer, batches: Sequence[SynthBatch]) -> list[torch.Tens
     with torch.no_grad():
         for batch in batches:
             with trainer._autocast():
-                out.append(trainer.regressor(trainer._to_net(batch.input)).float().cpu())
+                out.append(trainer.regressor(trainer._to_net(batch.input))[:, :1].float().cpu())
     return out
 
 
