@@ -345,6 +345,12 @@ class Trainer:
                                 f"resume from the last checkpoint in {self.run_dir}")
         return StepResult(self.stage, self.step, self.global_step, value, l1, dice, t1 - t0, t2 - t1, aux)
 
+    def synthesize(self, image: torch.Tensor) -> torch.Tensor:
+        """The regressor's image channel (float32) for ``image``; the caller picks train/eval mode and grad."""
+        assert self.regressor is not None
+        with self._autocast():
+            return self.regressor(self._to_net(image))[:, :1].float()
+
     def _finish_stage(self) -> None:
         if self._last_validation != self.global_step:
             self.validate()  # the final numbers of every stage are kept in validation.csv
@@ -399,9 +405,7 @@ class Trainer:
             if self.stage == "segmentation":
                 x = batch.input
             else:
-                assert self.regressor is not None
-                with self._autocast():
-                    pred = self.regressor(self._to_net(batch.input))[:, :1].float()
+                pred = self.synthesize(batch.input)
                 target = batch.target.to(self.device)
                 l1s.append(float((pred - target).abs().mean()))
                 mask = batch.lesion_mask.to(self.device)
@@ -557,7 +561,6 @@ class Trainer:
         if not rows:
             return
         path = self.run_dir / "loss.csv"
-        _upgrade_loss_log(path)
         new = not path.exists()
         with path.open("a", newline="") as fh:
             writer = csv.writer(fh)
@@ -585,6 +588,7 @@ class Trainer:
         torch.set_num_threads(self.config.run.threads)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         (self.run_dir / "config.json").write_text(self.config.dumps() + "\n")
+        _upgrade_loss_log(self.run_dir / "loss.csv")  # once per session, not at every log write
         if resume:
             latest = latest_checkpoint(self.run_dir)
             if latest is not None:

@@ -219,12 +219,8 @@ def samples_figure(batches: Sequence[SynthBatch], predictions: Sequence[torch.Te
 def _predict(trainer: Trainer, batches: Sequence[SynthBatch]) -> list[torch.Tensor]:
     assert trainer.regressor is not None
     trainer.regressor.eval()
-    out = []
     with torch.no_grad():
-        for batch in batches:
-            with trainer._autocast():
-                out.append(trainer.regressor(trainer._to_net(batch.input))[:, :1].float().cpu())
-    return out
+        return [trainer.synthesize(batch.input).cpu() for batch in batches]
 
 
 def write_training_report(config: TrainingConfig, *, output: Path | None = None) -> Path:
