@@ -18,7 +18,14 @@ from synthsr_bids.models.weights import load_weights
 from synthsr_bids.training.config import ConfigError, NetworkStage, load_config
 from synthsr_bids.training.generator import GeneratorConfig
 from synthsr_bids.training.labels import label_volume_from_array, load_label_scheme
-from synthsr_bids.training.loop import CHECKPOINT_FORMAT, LOSS_COLUMNS, Trainer, latest_checkpoint
+from synthsr_bids.training.loop import (
+    CHECKPOINT_FORMAT,
+    LOSS_COLUMNS,
+    Trainer,
+    TrainingError,
+    latest_checkpoint,
+    replace_segmenter,
+)
 from synthsr_bids.training.losses import (
     hard_dice,
     regression_loss,
@@ -289,6 +296,115 @@ def test_auxiliary_outputs_can_be_switched_on_and_off_in_a_running_job(tmp_path:
     off.run(max_steps=1)
 
 
+def test_segmenter_config_errors(tmp_path: Path):
+    with pytest.raises(ConfigError, match="only the segmentation stage"):
+        load_config(None, overrides=[f"regression.init_weights={str(tmp_path)!r}"])
+    with pytest.raises(ConfigError, match="is not a file"):
+        load_config(None, overrides=[f"segmentation.init_weights={str(tmp_path / 'missing.safetensors')!r}"])
+    with pytest.raises(ConfigError, match="target_input_prob"):
+        load_config(None, overrides=["segmentation.target_input_prob=1.5"])
+
+
+def _seg_state(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().clone() for k, v in trainer.segmenter.state_dict().items()}
+
+
+def test_segmenter_fine_tuning_run_starts_from_the_given_weights(tmp_path: Path, volumes):
+    base = make_trainer(tiny_config(tmp_path / "base", seg_steps=3, reg_steps=0), volumes)
+    assert base.run().stage == "done"
+    source = tmp_path / "base" / "segmenter.safetensors"
+    assert load_weights(source).metadata["synthsr_bids.steps"] == "3"
+    assert not (tmp_path / "base" / "model.safetensors").exists()  # segmentation-only: no regressor
+
+    config = tiny_config(tmp_path / "ft", seg_steps=2, reg_steps=0, validate_every=2)
+    config = dataclasses.replace(config, segmentation=dataclasses.replace(
+        config.segmentation, init_weights=source, target_input_prob=1.0, target_blur_max=1.5))
+    ft = make_trainer(config, volumes)
+    start = _seg_state(ft)
+    reference = load_weights(source).model.state_dict()
+    for key, value in start.items():  # float16 file -> the same weights, not a random initialisation
+        torch.testing.assert_close(value, reference[key].float(), rtol=0, atol=0)
+    assert ft.run().stage == "done"
+    tuned = load_weights(tmp_path / "ft" / "segmenter.safetensors")
+    assert tuned.metadata["synthsr_bids.steps"] == "5"
+    from synthsr_bids.hashing import sha256_file
+    assert tuned.metadata["synthsr_bids.fine_tuned_from"] == sha256_file(source)
+    rows = [r.split(",") for r in (tmp_path / "ft" / "validation.csv").read_text().splitlines()[1:]]
+    target_dice = [float(r[6]) for r in rows if r[3] == "mean_dice_target"]
+    assert len(target_dice) == 1 and 0.0 <= target_dice[0] <= 1.0
+
+    # a resumed fine-tuning run keeps its origin even if the init file changes meanwhile
+    original_sha = sha256_file(source)
+    resumed = tiny_config(tmp_path / "ft2", seg_steps=2, reg_steps=0)
+    resumed = dataclasses.replace(resumed, segmentation=dataclasses.replace(resumed.segmentation, init_weights=source))
+    make_trainer(resumed, volumes).run(max_steps=1)
+    shutil.copy(tmp_path / "ft" / "segmenter.safetensors", source)
+    assert make_trainer(resumed, volumes).run().stage == "done"
+    tuned = load_weights(tmp_path / "ft2" / "segmenter.safetensors")
+    assert tuned.metadata["synthsr_bids.fine_tuned_from"] == original_sha
+    assert tuned.metadata["synthsr_bids.steps"] == "5"
+
+    # what the segmenter sees: the generator input, or the (blurred) clean target
+    batch = ft.generator.generate(1)
+    for prob, blur_max in ((0.0, 1.5), (1.0, 0.0), (1.0, 1.5)):
+        ft.config = dataclasses.replace(config, segmentation=dataclasses.replace(
+            config.segmentation, target_input_prob=prob, target_blur_max=blur_max))
+        x = ft.segmentation_input(batch)
+        if prob == 0.0:
+            assert x is batch.input
+            continue
+        target = batch.target * 255.0 / 128.0
+        if blur_max == 0.0:
+            torch.testing.assert_close(x, target)
+        else:  # smoother (smaller neighbour differences), same mean intensity
+            assert x.shape == target.shape and not torch.equal(x, target)
+            assert x.diff(dim=2).abs().mean() < target.diff(dim=2).abs().mean()
+            assert float(x.mean()) == pytest.approx(float(target.mean()), rel=0.05)
+
+
+def test_replace_segmenter_in_a_running_regression(tmp_path: Path, volumes):
+    run = tmp_path / "run"
+    config = tiny_config(run, seg_steps=2, reg_steps=10)
+    make_trainer(config, volumes).run(max_steps=4)  # regression step 2
+    other = make_trainer(tiny_config(tmp_path / "other", seg_steps=3, reg_steps=0, seed=5), volumes)
+    other.run()
+    new_file = tmp_path / "other" / "segmenter.safetensors"
+
+    # copying a file by hand is refused at resume: the checkpoint names its segmenter
+    old_bytes = (run / "segmenter.safetensors").read_bytes()
+    shutil.copy(new_file, run / "segmenter.safetensors")
+    with pytest.raises(TrainingError, match="sha256 differs"):
+        make_trainer(config, volumes).run(max_steps=1)
+    (run / "segmenter.safetensors").write_bytes(old_bytes)
+
+    from synthsr_bids.hashing import sha256_file
+    old_sha, new_sha = sha256_file(run / "segmenter.safetensors"), sha256_file(new_file)
+    replace_segmenter(config, new_file)
+    assert sha256_file(run / "segmenter.safetensors") == new_sha
+    history = (run / "segmenter_history.csv").read_text().splitlines()
+    assert history[0] == "time,global_step,step,old_sha256,new_sha256,new_steps,source"
+    assert history[1].split(",")[1:6] == ["4", "2", old_sha, new_sha, "3"]
+    trainer = make_trainer(config, volumes)
+    trainer.run(max_steps=1)
+    assert trainer.step == 3
+    reference = load_weights(new_file).model.state_dict()
+    for key, value in trainer.segmenter.state_dict().items():
+        if key in reference:
+            torch.testing.assert_close(value.float(), reference[key].float())
+
+    from synthsr_bids.training.report import write_training_report
+    html = write_training_report(config).read_text()
+    assert "Frozen segmenter replaced</th><td>at regression step 2 (" in html
+
+    wrong = tiny_config(tmp_path / "wrong", seg_steps=1, reg_steps=0)
+    wrong = dataclasses.replace(wrong, segmentation=dataclasses.replace(wrong.segmentation, base_features=6))
+    make_trainer(wrong, volumes).run()
+    with pytest.raises(TrainingError, match="does not match"):
+        replace_segmenter(config, tmp_path / "wrong" / "segmenter.safetensors")
+    with pytest.raises(TrainingError, match="regression stage"):
+        replace_segmenter(tiny_config(tmp_path / "other", seg_steps=3, reg_steps=0), new_file)
+
+
 def test_regression_loss_terms():
     target = torch.full((1, 1, 4, 4, 4), 0.5)
     labels = torch.zeros(1, 1, 4, 4, 4, dtype=torch.int64)
@@ -375,6 +491,10 @@ def test_command_line_train_and_export(tmp_path: Path):
     bad = subprocess.run(cmd + ["ship", "--config", str(toml), "--version", "../x", "--package-data", str(package)],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 65 and "version" in bad.stderr
+
+    bad = subprocess.run(cmd + ["replace-segmenter", "--config", str(toml), str(run / "segmenter.safetensors")],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 65 and "only be replaced in the regression stage" in bad.stderr
 
     bad = subprocess.run(cmd + ["train", "--config", str(toml), "--set", "regression.bogus=1"], capture_output=True,
                          text=True, timeout=300)

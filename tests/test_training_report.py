@@ -7,7 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from synthsr_bids.training.report import moving_average, read_loss_log, read_validation_log
+from synthsr_bids.training.report import (
+    curves_figure,
+    moving_average,
+    read_loss_log,
+    read_segmenter_replacements,
+    read_validation_log,
+)
 
 LOSS_HEADER = "time,stage,step,global_step,loss,l1,dice_loss,generator_s,network_s\n"
 
@@ -57,3 +63,24 @@ def test_validation_log_series_and_newest_dice(tmp_path: Path):
     assert log_.metrics["segmentation"]["mean_dice"][1].tolist() == [0.5]
     assert log_.latest == ("regression", 10)
     assert log_.latest_dice == [("left-cerebral-white-matter", pytest.approx(0.7))]
+
+
+def test_segmenter_replacements_are_read_and_drawn(tmp_path: Path):
+    assert read_segmenter_replacements(tmp_path / "missing.csv") == []
+    history = tmp_path / "segmenter_history.csv"
+    history.write_text("time,global_step,step,old_sha256,new_sha256,new_steps,source\n"
+                       "2026-11-24T20:00:00,12000,8000,aa,bb,5500,/x.safetensors\n"
+                       "2026-11-24T19:00:00,11000,7000,cc,aa,4000,/y.safetensors\n")
+    steps = read_segmenter_replacements(history)
+    assert steps == [7000, 8000]
+    log = tmp_path / "validation.csv"
+    log.write_text("global_step,stage,step,metric,label,structure,value\n"
+                   "10,segmentation,10,mean_dice,,all-foreground,0.4\n"
+                   "10,segmentation,10,mean_dice_target,,all-foreground,0.7\n")
+    validation = read_validation_log(log)
+    assert validation.metrics["segmentation"]["mean_dice_target"][1].tolist() == [0.7]
+    fig = curves_figure({}, validation, replacements=steps)
+    dashed = [line for ax in fig.axes for line in ax.get_lines() if line.get_linestyle() == "--"]
+    assert len(dashed) == 3 * len(steps)  # in both regression panels and the Dice panel
+    labels = [line.get_label() for line in fig.axes[3].get_lines()]
+    assert "on the clean T1 target (segmentation stage)" in labels and "segmenter replaced" in labels

@@ -1,4 +1,4 @@
-"""``python -m synthsr_bids.training {train,export,ship,report,benchmark}``.
+"""``python -m synthsr_bids.training {train,export,ship,report,replace-segmenter,benchmark}``.
 
 * ``train``: run/resume the two-stage job of a TOML config (see ``configs/default.toml``) until it
   is done, ``--max-steps`` or ``--max-minutes``; SIGTERM/SIGINT stop after the current step with a
@@ -8,6 +8,9 @@
   bundled ``synthsr-bids`` / ``synthsr-bids-seg`` models (files + ``models.json``).
 * ``report``: ``<run dir>/report/index.html``: loss and validation curves, the validation samples
   through the newest checkpoint, Dice per structure.
+* ``replace-segmenter``: make a better segmenter file (e.g. from a fine-tuning run, see
+  ``[segmentation].init_weights``) the frozen loss network of a run in its regression stage;
+  recorded in ``<run dir>/segmenter_history.csv``.
 * ``benchmark``: seconds per generator sample and per network step for the configured sizes.
 """
 
@@ -61,6 +64,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(report)
     report.add_argument("--output", type=Path, default=None, help="folder (default: <run dir>/report)")
 
+    replace = sub.add_parser("replace-segmenter", help="swap the frozen segmenter of a run in its regression stage",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    common(replace)
+    replace.add_argument("segmenter", type=Path, help="segmenter .safetensors with the run's architecture and labels")
+
     bench = sub.add_parser("benchmark", help="time the generator and the network steps")
     common(bench)
     bench.add_argument("--steps", type=int, default=5)
@@ -80,7 +88,7 @@ def _setup_logging(verbose: int, log_file: Path | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .config import ConfigError, load_config
-    from .loop import TrainingError, Trainer, export_from_checkpoint, latest_checkpoint
+    from .loop import TrainingError, Trainer, export_from_checkpoint, latest_checkpoint, replace_segmenter
 
     try:
         config = load_config(args.config, overrides=args.overrides)
@@ -116,6 +124,10 @@ def main(argv: list[str] | None = None) -> int:
 
             _setup_logging(args.verbose, None)
             print(write_training_report(config, output=args.output))
+            return 0
+        if args.command == "replace-segmenter":
+            _setup_logging(args.verbose, run_dir / "train.log")
+            print(replace_segmenter(config, args.segmenter))
             return 0
         if args.command == "benchmark":
             _setup_logging(args.verbose, None)

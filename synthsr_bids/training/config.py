@@ -89,6 +89,12 @@ class NetworkStage:
     #: this weight x soft Dice against the label map (an auxiliary task; exports keep the image channel only)
     aux_seg_weight: float = 0.0
     target_input_prob: float = 0.2  #: segmentation only: share of steps fed the clean T1 target
+    #: segmentation only: the T1 target fed as input is blurred by an isotropic Gaussian of sigma
+    #: U(0, target_blur_max) voxels (robustness to the regressor's blurry predictions)
+    target_blur_max: float = 0.0
+    #: segmentation only: start from the weights of this synthsr-bids segmenter (.safetensors, e.g. another
+    #: run's segmenter.safetensors) instead of a random initialisation, i.e. fine-tune it
+    init_weights: Path | None = None
 
     def learning_rate(self, step: int) -> float:
         """The learning rate of (0-based) ``step``: warm-up, then the schedule.
@@ -265,6 +271,16 @@ def _validate(config: TrainingConfig, where: str) -> None:
             raise ConfigError(f"{where} [{stage_name}]: loss weights must be >= 0")
         if not 0 <= stage.lr_min <= stage.lr or stage.warmup_steps < 0:
             raise ConfigError(f"{where} [{stage_name}]: 0 <= lr_min <= lr and warmup_steps >= 0 are required")
+        if not 0 <= stage.target_input_prob <= 1 or stage.target_blur_max < 0:
+            raise ConfigError(f"{where} [{stage_name}]: 0 <= target_input_prob <= 1 and target_blur_max >= 0 "
+                              "are required")
+        if stage.init_weights is not None:
+            if stage_name != "segmentation":
+                raise ConfigError(f"{where} [{stage_name}].init_weights: only the segmentation stage can start "
+                                  "from existing weights")
+            if not stage.init_weights.is_file():
+                raise ConfigError(f"{where} [{stage_name}].init_weights: {stage.init_weights} is not a file "
+                                  "(a segmenter .safetensors such as <run dir>/segmenter.safetensors)")
         multiple = 2 ** (stage.n_levels - 1)
         bad = [s for s in config.generator.crop_shape if s % multiple]
         if bad:

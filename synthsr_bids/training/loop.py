@@ -48,6 +48,7 @@ from .labels import (
     load_label_scheme,
 )
 from .losses import SEG_INPUT_SCALE, hard_dice, regression_loss, softmax_dice_loss
+from .resolution import blur
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -60,6 +61,7 @@ __all__ = [
     "latest_checkpoint",
     "export_regression",
     "export_from_checkpoint",
+    "replace_segmenter",
 ]
 
 LOGGER = logging.getLogger(__name__)
@@ -255,6 +257,8 @@ class Trainer:
         self.step = 0
         self.global_step = 0
         self.segmenter: SynthSRUNet | None = None
+        #: the weights the segmentation stage started from (``init_weights``): their steps and SHA-256
+        self.seg_origin: dict[str, Any] = {"steps": 0, "sha256": ""}
         self.seg_opt: torch.optim.Optimizer | None = None
         self.regressor: SynthSRUNet | None = None
         self.reg_opt: torch.optim.Optimizer | None = None
@@ -269,8 +273,35 @@ class Trainer:
         return model.to(self.device).to(memory_format=torch.channels_last_3d)
 
     def _new_segmenter(self) -> None:
-        self.segmenter = self._prepare(SynthSRUNet(self._seg_logits_config))
+        net = SynthSRUNet(self._seg_logits_config)
+        init = self.config.segmentation.init_weights
+        if init is not None:
+            net.load_state_dict(self._read_segmenter(init).state_dict())
+            self.seg_origin = self._read_segmenter_origin()
+        self.segmenter = self._prepare(net)
         self.seg_opt = torch.optim.Adam(self.segmenter.parameters(), lr=self.config.segmentation.lr)
+
+    def _read_segmenter(self, path: Path) -> SynthSRUNet:
+        """A segmenter file's weights as a softmax network, checked against ``[segmentation]``."""
+        try:
+            loaded = load_weights(path)
+        except Exception as exc:  # WeightFileError, OSError, safetensors errors
+            raise TrainingError(f"{path}: cannot read the segmenter ({exc})") from exc
+        if loaded.config != self.seg_config:
+            raise TrainingError(f"{path}: segmenter {loaded.config} does not match [segmentation] {self.seg_config}")
+        labels = loaded.metadata.get("labels")
+        if labels is not None and json.loads(labels) != list(self.scheme.segmentation_labels):
+            raise TrainingError(f"{path}: segments labels {labels}, this run's segmentation labels are "
+                                f"{list(self.scheme.segmentation_labels)}")
+        return loaded.model
+
+    def _read_segmenter_origin(self) -> dict[str, Any]:
+        """Steps and SHA-256 of ``[segmentation].init_weights`` (read when the stage starts, kept in checkpoints)."""
+        init = self.config.segmentation.init_weights
+        if init is None:
+            return {"steps": 0, "sha256": ""}
+        return {"steps": int(load_weights(init).metadata.get("synthsr_bids.steps", "0") or 0),
+                "sha256": sha256_file(init)}
 
     def _new_regressor(self) -> None:
         self.regressor = self._prepare(SynthSRUNet(self.reg_config))
@@ -281,10 +312,7 @@ class Trainer:
         if not path.is_file():
             raise TrainingError(f"{path}: the frozen segmenter is missing; delete the run directory's checkpoints "
                                 "to restart stage 1, or restore the file")
-        loaded = load_weights(path)
-        if loaded.config != self.seg_config:
-            raise TrainingError(f"{path}: segmenter {loaded.config} does not match [segmentation] {self.seg_config}")
-        logits_net = SynthSRUNet(self._seg_logits_config).load_for_inference(loaded.model.state_dict())
+        logits_net = SynthSRUNet(self._seg_logits_config).load_for_inference(self._read_segmenter(path).state_dict())
         self.segmenter = logits_net.to(self.device)
         self.seg_opt = None
 
@@ -312,8 +340,7 @@ class Trainer:
         if self.stage == "segmentation":
             assert self.segmenter is not None and self.seg_opt is not None
             self.segmenter.train()
-            use_target = self.generator.rng.bernoulli(stage_cfg.target_input_prob)
-            x = batch.target * SEG_INPUT_SCALE if use_target else batch.input
+            x = self.segmentation_input(batch)
             self.seg_opt.zero_grad(set_to_none=True)
             with self._autocast():
                 logits = self.segmenter(self._to_net(x))
@@ -345,6 +372,18 @@ class Trainer:
                                 f"resume from the last checkpoint in {self.run_dir}")
         return StepResult(self.stage, self.step, self.global_step, value, l1, dice, t1 - t0, t2 - t1, aux)
 
+    def segmentation_input(self, batch: SynthBatch) -> torch.Tensor:
+        """What the segmenter is trained on at this step: the generator's input, or (with probability
+        ``target_input_prob``) the clean T1 target, blurred by sigma ~ U(0, ``target_blur_max``) voxels."""
+        stage_cfg = self.config.segmentation
+        if not self.generator.rng.bernoulli(stage_cfg.target_input_prob):
+            return batch.input
+        x = batch.target * SEG_INPUT_SCALE
+        if stage_cfg.target_blur_max > 0:
+            sigma = self.generator.rng.uniform(0.0, stage_cfg.target_blur_max)
+            x = torch.stack([blur(volume[0], (sigma,) * 3)[None] for volume in x]).to(x.dtype)
+        return x
+
     def synthesize(self, image: torch.Tensor) -> torch.Tensor:
         """The regressor's image channel (float32) for ``image``; the caller picks train/eval mode and grad."""
         assert self.regressor is not None
@@ -359,11 +398,17 @@ class Trainer:
             path = self.run_dir / SEGMENTER_FILE
             softmax_net = SynthSRUNet(self.seg_config)
             softmax_net.load_state_dict(self.segmenter.state_dict())
-            save_safetensors(softmax_net, path, segmenter_metadata(self.scheme.segmentation_labels, steps=self.step),
-                             dtype=torch.float16)
+            metadata = segmenter_metadata(self.scheme.segmentation_labels,
+                                          steps=int(self.seg_origin["steps"]) + self.step)
+            if self.seg_origin["sha256"]:
+                metadata["synthsr_bids.fine_tuned_from"] = str(self.seg_origin["sha256"])
+            save_safetensors(softmax_net, path, metadata, dtype=torch.float16)
             LOGGER.info("segmentation stage finished after %d steps; frozen segmenter written to %s", self.step, path)
             self._load_frozen_segmenter()
             self.stage, self.step = "regression", 0
+            if self.config.regression.steps == 0:  # a segmentation-only run (e.g. fine-tuning a segmenter)
+                self.stage = "done"
+                return
             self._new_regressor()
         elif self.stage == "regression":
             self.export()
@@ -393,6 +438,8 @@ class Trainer:
         n_classes = self.scheme.n_segmentation_labels
         dice_sum = torch.zeros(n_classes, dtype=torch.float64)
         dice_count = torch.zeros(n_classes, dtype=torch.float64)
+        target_sum = torch.zeros(n_classes, dtype=torch.float64)
+        target_count = torch.zeros(n_classes, dtype=torch.float64)
         l1s, lesion_l1s = [], []
         seg = self.segmenter
         assert seg is not None or self.stage == "regression"
@@ -419,6 +466,12 @@ class Trainer:
             dice, present = hard_dice(logits.argmax(1).cpu(), labels[:, 0].cpu(), n_classes)
             dice_sum += torch.where(present, dice, torch.zeros_like(dice))
             dice_count += present.double()
+            if self.stage == "segmentation":  # also on the clean T1 target (what it segments as a loss network)
+                with self._autocast():
+                    logits = seg(self._to_net(batch.target * SEG_INPUT_SCALE))
+                dice, present = hard_dice(logits.argmax(1).cpu(), labels[:, 0].cpu(), n_classes)
+                target_sum += torch.where(present, dice, torch.zeros_like(dice))
+                target_count += present.double()
         if self.regressor is not None:
             self.regressor.train()
         if seg is not None and self.stage == "segmentation":
@@ -435,6 +488,11 @@ class Trainer:
         if fg:
             summary["mean_dice"] = float(np.mean(fg))
             rows.append(("mean_dice", "", "all-foreground", summary["mean_dice"]))
+        target_fg = [float(target_sum[k] / target_count[k]) for k in range(n_classes)
+                     if target_count[k] > 0 and seg_labels[k] != 0]
+        if target_fg:
+            summary["mean_dice_target"] = float(np.mean(target_fg))
+            rows.append(("mean_dice_target", "", "all-foreground", summary["mean_dice_target"]))
         if l1s:
             summary["l1"] = float(np.mean(l1s))
             rows.append(("l1", "", "all", summary["l1"]))
@@ -471,6 +529,7 @@ class Trainer:
             assert self.segmenter is not None and self.seg_opt is not None
             state["segmenter"] = _contiguous_state(self.segmenter.state_dict())
             state["seg_opt"] = self.seg_opt.state_dict()
+            state["seg_origin"] = json.dumps(self.seg_origin)
         else:
             seg_file = self.run_dir / SEGMENTER_FILE
             state["segmenter_sha256"] = sha256_file(seg_file) if seg_file.is_file() else ""
@@ -514,6 +573,8 @@ class Trainer:
             assert self.segmenter is not None and self.seg_opt is not None
             self.segmenter.load_state_dict(state["segmenter"])
             self.seg_opt.load_state_dict(state["seg_opt"])
+            if "seg_origin" in state:  # the file named by init_weights may have changed since
+                self.seg_origin = json.loads(state["seg_origin"])
             self.regressor, self.reg_opt = None, None
         else:
             if self.config.segmentation.steps > 0:
@@ -719,6 +780,63 @@ def segmenter_metadata(labels: Sequence[int], *, steps: int) -> dict[str, str]:
         "input_scale": repr(SEG_INPUT_SCALE / SYNTHESIS_OUTPUT_SCALE),
         "license": "Apache-2.0",
     }
+
+
+#: Columns of <run dir>/segmenter_history.csv (one row per :func:`replace_segmenter`).
+SEGMENTER_HISTORY_COLUMNS = ("time", "global_step", "step", "old_sha256", "new_sha256", "new_steps", "source")
+
+
+def replace_segmenter(config: TrainingConfig, source: Path) -> Path:
+    """Make the segmenter file ``source`` the frozen loss network of a run in its regression stage.
+
+    For a better segmenter trained elsewhere (e.g. a fine-tuning run with ``init_weights``): the
+    file must have this run's ``[segmentation]`` architecture and labels. It is copied atomically
+    to ``<run dir>/segmenter.safetensors``, the newest checkpoint is re-pointed at it (its
+    ``segmenter_sha256``), and the change is appended to ``segmenter_history.csv``, so that the
+    jump it causes in the Dice loss and in the validation Dice can be told apart from training.
+    Returns the checkpoint.
+    """
+    source = Path(source)
+    run_dir = Path(config.run.dir).resolve()
+    checkpoint = latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise TrainingError(f"{run_dir}: no checkpoint; a segmenter can only be replaced in the regression stage")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if state.get("stage") != "regression":
+        raise TrainingError(f"{checkpoint}: stage {state.get('stage')!r}; a segmenter can only be replaced in the "
+                            "regression stage")
+    scheme = label_scheme(config)
+    expected = _unet_config(config.segmentation, out_channels=scheme.n_segmentation_labels, activation="softmax")
+    try:
+        loaded = load_weights(source)
+    except Exception as exc:  # WeightFileError, OSError, safetensors errors
+        raise TrainingError(f"{source}: cannot read the segmenter ({exc})") from exc
+    if loaded.config != expected:
+        raise TrainingError(f"{source}: segmenter {loaded.config} does not match [segmentation] {expected}")
+    labels = json.loads(loaded.metadata.get("labels", "null"))
+    if labels != list(scheme.segmentation_labels):
+        raise TrainingError(f"{source}: segments labels {labels}, the run's are {list(scheme.segmentation_labels)}")
+    target = run_dir / SEGMENTER_FILE
+    old_sha = sha256_file(target) if target.is_file() else ""
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_bytes(source.read_bytes())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    state["segmenter_sha256"] = loaded.source_sha256
+    _atomic_torch_save(state, checkpoint)
+    history = run_dir / "segmenter_history.csv"
+    new = not history.exists()
+    with history.open("a", newline="") as fh:
+        writer = csv.writer(fh)
+        if new:
+            writer.writerow(SEGMENTER_HISTORY_COLUMNS)
+        writer.writerow([time.strftime("%Y-%m-%dT%H:%M:%S"), state["global_step"], state["step"], old_sha,
+                         loaded.source_sha256, loaded.metadata.get("synthsr_bids.steps", ""), str(source)])
+    LOGGER.info("%s replaced by %s (sha256 %s -> %s) at regression step %d; %s re-pointed", target, source,
+                old_sha[:12], loaded.source_sha256[:12], int(state["step"]), checkpoint.name)
+    return checkpoint
 
 
 def regressor_from_checkpoint(checkpoint: Path) -> tuple[SynthSRUNet, int]:

@@ -36,6 +36,7 @@ __all__ = [
     "ValidationLog",
     "read_loss_log",
     "read_validation_log",
+    "read_segmenter_replacements",
     "moving_average",
     "curves_figure",
     "samples_figure",
@@ -110,6 +111,14 @@ def read_validation_log(path: Path) -> ValidationLog:
     return ValidationLog(metrics=arrays, latest_dice=per_pass.get(latest, []) if latest else [], latest=latest)
 
 
+def read_segmenter_replacements(path: Path) -> list[int]:
+    """Regression steps at which the frozen segmenter was replaced (``segmenter_history.csv``)."""
+    if not path.is_file():
+        return []
+    with path.open(newline="") as fh:
+        return sorted(int(row["step"]) for row in csv.DictReader(fh))
+
+
 def moving_average(values: np.ndarray, window: int) -> np.ndarray:
     """Trailing mean over up to ``window`` values (shorter at the start; NaNs ignored)."""
     values = np.asarray(values, dtype=np.float64)
@@ -135,10 +144,19 @@ def _style(ax, title: str, xlabel: str) -> None:  # type: ignore[no-untyped-def]
     ax.grid(color="#333333", linewidth=0.5)
 
 
-def curves_figure(losses: dict[str, LossCurve], validation: ValidationLog, *, window: int = 200) -> Figure:
-    """Four panels: the two stages' training losses (moving averages) and the validation numbers."""
+def curves_figure(losses: dict[str, LossCurve], validation: ValidationLog, *, window: int = 200,
+                  replacements: Sequence[int] = ()) -> Figure:
+    """Four panels: the two stages' training losses (moving averages) and the validation numbers.
+
+    ``replacements``: regression steps where the frozen segmenter was replaced (dashed lines: the
+    Dice numbers of the regression stage change meaning there).
+    """
     fig = Figure(figsize=(10, 6.4), facecolor=BACKGROUND)
     axes = fig.subplots(2, 2)
+    for ax in (axes[0, 1], axes[1, 0], axes[1, 1]):
+        for i, step in enumerate(replacements):
+            ax.axvline(step, color="#9be39b", linestyle="--", linewidth=0.8,
+                       label="segmenter replaced" if i == 0 else None)
     panels = [
         (axes[0, 0], "segmentation", "dice_loss", "segmentation: training soft-Dice loss"),
         (axes[0, 1], "regression", "l1", "regression: training L1 (target units / 255)"),
@@ -164,11 +182,13 @@ def curves_figure(losses: dict[str, LossCurve], validation: ValidationLog, *, wi
         ax.legend(fontsize=7, facecolor=BACKGROUND, labelcolor=_FG, edgecolor="#555555")
     ax = axes[1, 1]
     _style(ax, "validation: mean Dice of the frozen segmenter", "step in stage")
-    for stage, colour, label in (("segmentation", "#3b6ea8", "on the input (segmentation stage)"),
-                                 ("regression", "#ffb000", "on the prediction (regression stage)")):
+    for stage, metric, colour, label in (
+            ("segmentation", "mean_dice", "#3b6ea8", "on the input (segmentation stage)"),
+            ("segmentation", "mean_dice_target", "#7fb3e6", "on the clean T1 target (segmentation stage)"),
+            ("regression", "mean_dice", "#ffb000", "on the prediction (regression stage)")):
         table = validation.metrics.get(stage, {})
-        if "mean_dice" in table:
-            ax.plot(*table["mean_dice"], marker="o", markersize=3, color=colour, label=label)
+        if metric in table:
+            ax.plot(*table[metric], marker="o", markersize=3, color=colour, label=label)
     if validation.metrics:
         ax.legend(fontsize=7, facecolor=BACKGROUND, labelcolor=_FG, edgecolor="#555555")
     fig.tight_layout()
@@ -232,7 +252,8 @@ def write_training_report(config: TrainingConfig, *, output: Path | None = None)
     out = Path(output) if output is not None else run_dir / REPORT_DIR
     losses = read_loss_log(run_dir / "loss.csv")
     validation = read_validation_log(run_dir / "validation.csv")
-    save_figure(curves_figure(losses, validation), out / "curves.png")
+    replacements = read_segmenter_replacements(run_dir / "segmenter_history.csv")
+    save_figure(curves_figure(losses, validation, replacements=replacements), out / "curves.png")
 
     samples = None
     if config.data.validation_maps:
@@ -260,7 +281,7 @@ def write_training_report(config: TrainingConfig, *, output: Path | None = None)
     html = render("training.html", run_dir=str(run_dir), checkpoint=checkpoint.name, stages=stages,
                   total_hours=sum(s["hours"] for s in stages), latest=validation.latest,
                   latest_metrics=latest_metrics, dice=[(name, f"{value:.3f}") for name, value in validation.latest_dice],
-                  samples=samples, command="python -m synthsr_bids.training report", run_id=checkpoint.stem)
+                  samples=samples, replacements=replacements, command="python -m synthsr_bids.training report", run_id=checkpoint.stem)
     path = out / "index.html"
     write_text_atomic(path, html)
     return path
