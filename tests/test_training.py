@@ -383,7 +383,7 @@ def test_replace_segmenter_in_a_running_regression(tmp_path: Path, volumes):
     assert sha256_file(run / "segmenter.safetensors") == new_sha
     history = (run / "segmenter_history.csv").read_text().splitlines()
     assert history[0] == "time,global_step,step,old_sha256,new_sha256,new_steps,source"
-    assert history[1].split(",")[1:6] == ["4", "2", old_sha, new_sha, "3"]
+    assert history[1].split(",")[1:] == ["4", "2", old_sha, new_sha, "3", str(new_file.resolve())]
     trainer = make_trainer(config, volumes)
     trainer.run(max_steps=1)
     assert trainer.step == 3

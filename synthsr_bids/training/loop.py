@@ -796,7 +796,7 @@ def replace_segmenter(config: TrainingConfig, source: Path) -> Path:
     jump it causes in the Dice loss and in the validation Dice can be told apart from training.
     Returns the checkpoint.
     """
-    source = Path(source)
+    source = Path(source).resolve()
     run_dir = Path(config.run.dir).resolve()
     checkpoint = latest_checkpoint(run_dir)
     if checkpoint is None:
