@@ -12,7 +12,8 @@ The run directory holds:
 * ``segmenter.safetensors``: the frozen segmenter (after stage 1);
 * ``model.safetensors``: the regression weights as float16 (refreshed at every validation and at
   the end; the file to ship);
-* ``loss.csv``, ``validation.csv`` (per structure Dice, L1) and ``config.json``.
+* ``loss.csv``, ``validation.csv`` (per structure Dice, L1) and ``config.json``;
+* ``segmenter_history.csv``: when the frozen segmenter was swapped (:func:`replace_segmenter`).
 """
 
 from __future__ import annotations
