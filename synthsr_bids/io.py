@@ -16,6 +16,7 @@ import gzip
 import json
 import logging
 import os
+import shutil
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -223,6 +224,21 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         tmp.write_text(text)
         os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def copy_file_atomic(source: Path, destination: Path) -> None:
+    """Copy ``source`` to ``destination`` atomically (temporary sibling, fsync, ``os.replace``)."""
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _temporary_sibling(destination)
+    try:
+        shutil.copyfile(source, tmp)
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, destination)
     finally:
         if tmp.exists():
             tmp.unlink()

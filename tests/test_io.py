@@ -6,7 +6,7 @@ import pytest
 
 from bids_builder import axis_affine, scan
 from synthsr_bids.errors import BadInputError
-from synthsr_bids.io import load_scan, save_nifti_atomic
+from synthsr_bids.io import copy_file_atomic, load_scan, save_nifti_atomic
 
 
 def _save(tmp_path, data, affine, name="img.nii.gz"):
@@ -133,3 +133,17 @@ def test_save_atomic_roundtrip_and_no_leftovers(tmp_path):
     assert back.get_data_dtype() == np.float32
     assert int(back.header["sform_code"]) == 1 and int(back.header["qform_code"]) == 1
     assert sorted(p.name for p in out.parent.iterdir()) == ["x.nii.gz"]
+
+
+def test_copy_file_atomic_replaces_the_destination_and_leaves_no_temporary(tmp_path):
+    source = tmp_path / "a.bin"
+    source.write_bytes(bytes(range(256)) * 10)
+    destination = tmp_path / "out" / "b.bin"
+    copy_file_atomic(source, destination)
+    destination.write_bytes(b"old")
+    copy_file_atomic(source, destination)
+    assert destination.read_bytes() == source.read_bytes()
+    assert sorted(p.name for p in destination.parent.iterdir()) == ["b.bin"]
+    with pytest.raises(FileNotFoundError):
+        copy_file_atomic(tmp_path / "missing.bin", destination)
+    assert sorted(p.name for p in destination.parent.iterdir()) == ["b.bin"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 from synthsr_bids.models.network import SynthSRUNet, UNetConfig
-from synthsr_bids.models.weights import load_weights
+from synthsr_bids.hashing import sha256_file
+from synthsr_bids.models.weights import load_weights, save_safetensors
 from synthsr_bids.training.config import ConfigError, NetworkStage, load_config
 from synthsr_bids.training.generator import GeneratorConfig
 from synthsr_bids.training.labels import label_volume_from_array, load_label_scheme
@@ -297,12 +299,16 @@ def test_auxiliary_outputs_can_be_switched_on_and_off_in_a_running_job(tmp_path:
 
 
 def test_segmenter_config_errors(tmp_path: Path):
-    with pytest.raises(ConfigError, match="only the segmentation stage"):
+    with pytest.raises(ConfigError, match="belong to the segmentation stage"):
         load_config(None, overrides=[f"regression.init_weights={str(tmp_path)!r}"])
-    with pytest.raises(ConfigError, match="is not a file"):
-        load_config(None, overrides=[f"segmentation.init_weights={str(tmp_path / 'missing.safetensors')!r}"])
+    with pytest.raises(ConfigError, match="belong to the segmentation stage"):
+        load_config(None, overrides=["regression.target_blur_max=1.0"])
+    with pytest.raises(ConfigError, match="steps = 0"):
+        load_config(None, overrides=[f"segmentation.init_weights={str(tmp_path)!r}", "segmentation.steps=0"])
     with pytest.raises(ConfigError, match="target_input_prob"):
         load_config(None, overrides=["segmentation.target_input_prob=1.5"])
+    with pytest.raises(ConfigError, match="target_blur_max"):
+        load_config(None, overrides=["segmentation.target_blur_max=-1"])
 
 
 def _seg_state(trainer: Trainer) -> dict[str, torch.Tensor]:
@@ -315,11 +321,15 @@ def test_segmenter_fine_tuning_run_starts_from_the_given_weights(tmp_path: Path,
     source = tmp_path / "base" / "segmenter.safetensors"
     assert load_weights(source).metadata["synthsr_bids.steps"] == "3"
     assert not (tmp_path / "base" / "model.safetensors").exists()  # segmentation-only: no regressor
+    again = make_trainer(tiny_config(tmp_path / "base", seg_steps=3, reg_steps=0), volumes)
+    assert again.run().stage == "done" and again.regressor is None  # a rerun does not invent one either
+    assert not (tmp_path / "base" / "model.safetensors").exists()
 
     config = tiny_config(tmp_path / "ft", seg_steps=2, reg_steps=0, validate_every=2)
     config = dataclasses.replace(config, segmentation=dataclasses.replace(
         config.segmentation, init_weights=source, target_input_prob=1.0, target_blur_max=1.5))
     ft = make_trainer(config, volumes)
+    ft.initialise_segmenter()  # what run() does on a fresh stage
     start = _seg_state(ft)
     reference = load_weights(source).model.state_dict()
     for key, value in start.items():  # float16 file -> the same weights, not a random initialisation
@@ -327,11 +337,15 @@ def test_segmenter_fine_tuning_run_starts_from_the_given_weights(tmp_path: Path,
     assert ft.run().stage == "done"
     tuned = load_weights(tmp_path / "ft" / "segmenter.safetensors")
     assert tuned.metadata["synthsr_bids.steps"] == "5"
-    from synthsr_bids.hashing import sha256_file
     assert tuned.metadata["synthsr_bids.fine_tuned_from"] == sha256_file(source)
     rows = [r.split(",") for r in (tmp_path / "ft" / "validation.csv").read_text().splitlines()[1:]]
-    target_dice = [float(r[6]) for r in rows if r[3] == "mean_dice_target"]
-    assert len(target_dice) == 1 and 0.0 <= target_dice[0] <= 1.0
+    assert len([r for r in rows if r[3] == "mean_dice_target"]) == 1
+
+    missing = dataclasses.replace(config, run=dataclasses.replace(config.run, dir=tmp_path / "ft3"),
+                                  segmentation=dataclasses.replace(config.segmentation,
+                                                                   init_weights=tmp_path / "gone.safetensors"))
+    with pytest.raises(TrainingError, match="gone.safetensors: cannot read the segmenter"):
+        make_trainer(missing, volumes).run()
 
     # a resumed fine-tuning run keeps its origin even if the init file changes meanwhile
     original_sha = sha256_file(source)
@@ -343,6 +357,31 @@ def test_segmenter_fine_tuning_run_starts_from_the_given_weights(tmp_path: Path,
     tuned = load_weights(tmp_path / "ft2" / "segmenter.safetensors")
     assert tuned.metadata["synthsr_bids.fine_tuned_from"] == original_sha
     assert tuned.metadata["synthsr_bids.steps"] == "5"
+
+    # the target Dice of a validation pass is the segmenter's Dice on the clean targets
+    check_config = tiny_config(tmp_path / "check", seg_steps=30, reg_steps=0)
+    # input and target differ in contrast (PD vs T1), and the segmenter learns enough to tell them apart
+    still = GeneratorConfig(crop_shape=(16, 16, 16), scaling=(1.0, 1.0), rotation_deg=0.0, shear=0.0,
+                            translation_mm=0.0, svf_std_max=0.0, flip_prob=0.0, contrast_probs=(("pd", 1.0),),
+                            isotropic_prob=1.0, plaque_prob=0.0, stroke_prob=0.0, tumour_prob=0.0)
+    check_config = dataclasses.replace(check_config, generator=still, segmentation=dataclasses.replace(
+        check_config.segmentation, lr=1e-2, target_input_prob=0.5))
+    check = make_trainer(check_config, volumes)
+    check.run(max_steps=20)
+    summary = check.validate()
+    check.segmenter.eval()
+    n = check.scheme.n_segmentation_labels
+    total, count = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    for b in check.validation_batches():
+        with torch.no_grad(), check._autocast():
+            logits = check.segmenter(check._to_net(b.target * 255.0 / 128.0))
+        dice, present = hard_dice(logits.argmax(1), b.labels[:, 0], n)
+        total += torch.where(present, dice, torch.zeros_like(dice))
+        count += present.double()
+    foreground = [float(total[k] / count[k]) for k, label in enumerate(check.scheme.segmentation_labels)
+                  if count[k] > 0 and label != 0]
+    assert summary["mean_dice_target"] == pytest.approx(np.mean(foreground))
+    assert summary["mean_dice_target"] > 0 and summary["mean_dice_target"] != pytest.approx(summary["mean_dice"])
 
     # what the segmenter sees: the generator input, or the (blurred) clean target
     batch = ft.generator.generate(1)
@@ -377,7 +416,6 @@ def test_replace_segmenter_in_a_running_regression(tmp_path: Path, volumes):
         make_trainer(config, volumes).run(max_steps=1)
     (run / "segmenter.safetensors").write_bytes(old_bytes)
 
-    from synthsr_bids.hashing import sha256_file
     old_sha, new_sha = sha256_file(run / "segmenter.safetensors"), sha256_file(new_file)
     replace_segmenter(config, new_file)
     assert sha256_file(run / "segmenter.safetensors") == new_sha
@@ -391,6 +429,25 @@ def test_replace_segmenter_in_a_running_regression(tmp_path: Path, volumes):
     for key, value in trainer.segmenter.state_dict().items():
         if key in reference:
             torch.testing.assert_close(value.float(), reference[key].float())
+
+    # a second call with the same file changes nothing
+    replace_segmenter(config, new_file)
+    assert len((run / "segmenter_history.csv").read_text().splitlines()) == 2
+    # refused while a training process holds the run directory
+    from synthsr_bids.training.loop import run_lock
+    with run_lock(run, "test"):
+        with pytest.raises(TrainingError, match="in use by another training process"):
+            replace_segmenter(config, new_file)
+        with pytest.raises(TrainingError, match="in use by another training process"):
+            make_trainer(config, volumes).run(max_steps=1)
+    # other labels are refused
+    relabelled = tmp_path / "relabelled.safetensors"
+    loaded = load_weights(new_file)
+    labels = json.loads(loaded.metadata["labels"])
+    save_safetensors(loaded.model, relabelled, {**loaded.metadata, "labels": json.dumps(labels[::-1])})
+    with pytest.raises(TrainingError, match="not this run's segmentation labels"):
+        replace_segmenter(config, relabelled)
+    assert sha256_file(run / "segmenter.safetensors") == new_sha
 
     from synthsr_bids.training.report import write_training_report
     html = write_training_report(config).read_text()

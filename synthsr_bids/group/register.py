@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,7 +36,7 @@ from typing import Any, Callable, Sequence
 import nibabel as nib
 import numpy as np
 
-from synthsr_bids.io import save_nifti_atomic, write_json_atomic
+from synthsr_bids.io import copy_file_atomic, save_nifti_atomic, write_json_atomic
 
 LOGGER = logging.getLogger(__name__)
 
@@ -93,17 +92,6 @@ def correlation_in_mask(image: np.ndarray, template: np.ndarray, mask: np.ndarra
     if a.size < 2 or a.std() == 0 or b.std() == 0:
         return float("nan")
     return float(np.corrcoef(a, b)[0, 1])
-
-
-def _copy_atomic(source: Path, destination: Path) -> None:
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = destination.with_name(f".tmp-{os.getpid()}-{destination.name}")
-    try:
-        shutil.copyfile(source, tmp)
-        os.replace(tmp, destination)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _recorded(job: RegistrationJob) -> dict[str, Any] | None:
@@ -174,7 +162,7 @@ def _register(job: RegistrationJob, started: float) -> RegistrationOutcome:
             save_nifti_atomic(binary, template_img.affine, job.warped_lesion, dtype=np.uint8)
             if job.warped_lesion_json is not None:
                 write_json_atomic(job.warped_lesion_json, job.lesion_sidecar)
-        _copy_atomic(composite, job.xfm)
+        copy_file_atomic(composite, job.xfm)
     seconds = time.perf_counter() - started
     write_json_atomic(job.warped_json, job.warped_sidecar)
     # The transform's sidecar is written last: it marks the job as done.

@@ -10,7 +10,8 @@
   through the newest checkpoint, Dice per structure.
 * ``replace-segmenter``: make a better segmenter file (e.g. from a fine-tuning run, see
   ``[segmentation].init_weights``) the frozen loss network of a run in its regression stage;
-  recorded in ``<run dir>/segmenter_history.csv``.
+  recorded in ``<run dir>/segmenter_history.csv``. Stop the run's training first (refused while
+  it holds ``<run dir>/.train.lock``); the next ``train`` resumes with the new segmenter.
 * ``benchmark``: seconds per generator sample and per network step for the configured sizes.
 """
 
@@ -64,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     common(report)
     report.add_argument("--output", type=Path, default=None, help="folder (default: <run dir>/report)")
 
-    replace = sub.add_parser("replace-segmenter", help="swap the frozen segmenter of a run in its regression stage",
+    replace = sub.add_parser("replace-segmenter", help="swap the frozen segmenter of a stopped run in its regression stage",
                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common(replace)
     replace.add_argument("segmenter", type=Path, help="segmenter .safetensors with the run's architecture and labels")

@@ -92,8 +92,9 @@ class NetworkStage:
     #: segmentation only: the T1 target fed as input is blurred by an isotropic Gaussian of sigma
     #: U(0, target_blur_max) voxels (robustness to the regressor's blurry predictions)
     target_blur_max: float = 0.0
-    #: segmentation only: start from the weights of this synthsr-bids segmenter (.safetensors, e.g. another
-    #: run's segmenter.safetensors) instead of a random initialisation, i.e. fine-tune it
+    #: segmentation only: start a fresh stage from the weights of this synthsr-bids segmenter file (e.g. another
+    #: run's segmenter.safetensors; same network and labels) instead of a random initialisation, i.e. fine-tune it;
+    #: read when the stage starts (a resumed stage takes its weights from the checkpoint)
     init_weights: Path | None = None
 
     def learning_rate(self, step: int) -> float:
@@ -274,13 +275,11 @@ def _validate(config: TrainingConfig, where: str) -> None:
         if not 0 <= stage.target_input_prob <= 1 or stage.target_blur_max < 0:
             raise ConfigError(f"{where} [{stage_name}]: 0 <= target_input_prob <= 1 and target_blur_max >= 0 "
                               "are required")
-        if stage.init_weights is not None:
-            if stage_name != "segmentation":
-                raise ConfigError(f"{where} [{stage_name}].init_weights: only the segmentation stage can start "
-                                  "from existing weights")
-            if not stage.init_weights.is_file():
-                raise ConfigError(f"{where} [{stage_name}].init_weights: {stage.init_weights} is not a file "
-                                  "(a segmenter .safetensors such as <run dir>/segmenter.safetensors)")
+        if stage_name != "segmentation" and (stage.init_weights is not None or stage.target_blur_max > 0):
+            raise ConfigError(f"{where} [{stage_name}]: init_weights and target_blur_max belong to the segmentation "
+                              "stage")
+        if stage.init_weights is not None and stage.steps == 0:
+            raise ConfigError(f"{where} [{stage_name}].init_weights is set but steps = 0: nothing would be trained")
         multiple = 2 ** (stage.n_levels - 1)
         bad = [s for s in config.generator.crop_shape if s % multiple]
         if bad:

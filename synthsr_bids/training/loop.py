@@ -28,16 +28,18 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from filelock import FileLock, Timeout
 
 from ..models.network import SynthSRUNet, UNetConfig
-from ..models.weights import load_weights, save_safetensors, sha256_file
+from ..io import copy_file_atomic
+from ..models.weights import LoadedNetwork, load_weights, save_safetensors, sha256_file
 from .config import NetworkStage, TrainingConfig
 from .generator import SynthBatch, SynthGenerator
 from .labels import (
@@ -71,6 +73,7 @@ CHECKPOINT_FORMAT = "synthsr-bids-training-checkpoint"
 CHECKPOINT_VERSION = 1
 _CKPT_RE = re.compile(r"^ckpt-(\d+)\.pt$")
 SEGMENTER_FILE = "segmenter.safetensors"
+LOCK_FILE = ".train.lock"
 MODEL_FILE = "model.safetensors"
 
 STAGES = ("segmentation", "regression", "done")
@@ -177,6 +180,35 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return None if best is None else best[1]
 
 
+@contextlib.contextmanager
+def run_lock(run_dir: Path, what: str) -> Iterator[None]:
+    """Hold ``<run dir>/.train.lock`` (one training process or segmenter swap per run directory)."""
+    lock = FileLock(str(Path(run_dir) / LOCK_FILE))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        raise TrainingError(f"{run_dir} is in use by another training process (lock {LOCK_FILE}); stop it "
+                            f"(SIGTERM writes a checkpoint) before you {what}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def check_segmenter_file(path: Path, seg_config: UNetConfig, labels: Sequence[int]) -> LoadedNetwork:
+    """Read a segmenter weight file and check it has the run's ``[segmentation]`` network and labels."""
+    try:
+        loaded = load_weights(path)
+    except Exception as exc:  # WeightFileError, OSError, safetensors errors
+        raise TrainingError(f"{path}: cannot read the segmenter ({exc})") from exc
+    if loaded.config != seg_config:
+        raise TrainingError(f"{path}: segmenter {loaded.config} does not match [segmentation] {seg_config}")
+    theirs = json.loads(loaded.metadata.get("labels", "null"))
+    if theirs != list(labels):
+        raise TrainingError(f"{path}: its labels {theirs} are not this run's segmentation labels {list(labels)}")
+    return loaded
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
@@ -260,6 +292,8 @@ class Trainer:
         self.segmenter: SynthSRUNet | None = None
         #: the weights the segmentation stage started from (``init_weights``): their steps and SHA-256
         self.seg_origin: dict[str, Any] = {"steps": 0, "sha256": ""}
+        #: SHA-256 of the frozen segmenter file in use (regression stage), recorded in checkpoints
+        self.segmenter_sha256 = ""
         self.seg_opt: torch.optim.Optimizer | None = None
         self.regressor: SynthSRUNet | None = None
         self.reg_opt: torch.optim.Optimizer | None = None
@@ -274,35 +308,25 @@ class Trainer:
         return model.to(self.device).to(memory_format=torch.channels_last_3d)
 
     def _new_segmenter(self) -> None:
-        net = SynthSRUNet(self._seg_logits_config)
-        init = self.config.segmentation.init_weights
-        if init is not None:
-            net.load_state_dict(self._read_segmenter(init).state_dict())
-            self.seg_origin = self._read_segmenter_origin()
-        self.segmenter = self._prepare(net)
+        self.segmenter = self._prepare(SynthSRUNet(self._seg_logits_config))
         self.seg_opt = torch.optim.Adam(self.segmenter.parameters(), lr=self.config.segmentation.lr)
 
-    def _read_segmenter(self, path: Path) -> SynthSRUNet:
-        """A segmenter file's weights as a softmax network, checked against ``[segmentation]``."""
-        try:
-            loaded = load_weights(path)
-        except Exception as exc:  # WeightFileError, OSError, safetensors errors
-            raise TrainingError(f"{path}: cannot read the segmenter ({exc})") from exc
-        if loaded.config != self.seg_config:
-            raise TrainingError(f"{path}: segmenter {loaded.config} does not match [segmentation] {self.seg_config}")
-        labels = loaded.metadata.get("labels")
-        if labels is not None and json.loads(labels) != list(self.scheme.segmentation_labels):
-            raise TrainingError(f"{path}: segments labels {labels}, this run's segmentation labels are "
-                                f"{list(self.scheme.segmentation_labels)}")
-        return loaded.model
+    def initialise_segmenter(self) -> None:
+        """Start a fresh segmentation stage from ``[segmentation].init_weights`` (no-op without it).
 
-    def _read_segmenter_origin(self) -> dict[str, Any]:
-        """Steps and SHA-256 of ``[segmentation].init_weights`` (read when the stage starts, kept in checkpoints)."""
+        Called by :meth:`run` when nothing was resumed: a resumed stage takes its weights from the
+        checkpoint, and its origin (steps, SHA-256 of the file) from there too.
+        """
         init = self.config.segmentation.init_weights
         if init is None:
-            return {"steps": 0, "sha256": ""}
-        return {"steps": int(load_weights(init).metadata.get("synthsr_bids.steps", "0") or 0),
-                "sha256": sha256_file(init)}
+            return
+        assert self.segmenter is not None
+        loaded = check_segmenter_file(Path(init), self.seg_config, self.scheme.segmentation_labels)
+        self.segmenter.load_state_dict(loaded.model.state_dict())
+        self.seg_origin = {"steps": int(loaded.metadata.get("synthsr_bids.steps", "0") or 0),
+                           "sha256": loaded.source_sha256}
+        LOGGER.info("segmentation stage starts from %s (%d steps, sha256 %s)", init, self.seg_origin["steps"],
+                    loaded.source_sha256[:12])
 
     def _new_regressor(self) -> None:
         self.regressor = self._prepare(SynthSRUNet(self.reg_config))
@@ -313,7 +337,9 @@ class Trainer:
         if not path.is_file():
             raise TrainingError(f"{path}: the frozen segmenter is missing; delete the run directory's checkpoints "
                                 "to restart stage 1, or restore the file")
-        logits_net = SynthSRUNet(self._seg_logits_config).load_for_inference(self._read_segmenter(path).state_dict())
+        loaded = check_segmenter_file(path, self.seg_config, self.scheme.segmentation_labels)
+        logits_net = SynthSRUNet(self._seg_logits_config).load_for_inference(loaded.model.state_dict())
+        self.segmenter_sha256 = loaded.source_sha256
         self.segmenter = logits_net.to(self.device)
         self.seg_opt = None
 
@@ -532,8 +558,7 @@ class Trainer:
             state["seg_opt"] = self.seg_opt.state_dict()
             state["seg_origin"] = json.dumps(self.seg_origin)
         else:
-            seg_file = self.run_dir / SEGMENTER_FILE
-            state["segmenter_sha256"] = sha256_file(seg_file) if seg_file.is_file() else ""
+            state["segmenter_sha256"] = self.segmenter_sha256
             if self.regressor is not None and self.reg_opt is not None:
                 state["regressor"] = _contiguous_state(self.regressor.state_dict())
                 state["reg_opt"] = self.reg_opt.state_dict()
@@ -586,6 +611,11 @@ class Trainer:
                 self._load_frozen_segmenter()
             else:
                 self.segmenter = None
+            if self.stage == "done" and "regressor" not in state:  # a segmentation-only run
+                self.regressor, self.reg_opt = None, None
+                torch.set_rng_state(state["torch_rng"])
+                LOGGER.info("resumed from %s: stage done (segmentation only)", path)
+                return
             self._new_regressor()
             assert self.regressor is not None and self.reg_opt is not None
             if "regressor" in state:
@@ -647,14 +677,20 @@ class Trainer:
         Resumes from the newest checkpoint in the run directory (if ``resume``), and always leaves
         a checkpoint of the last completed step behind.
         """
-        torch.set_num_threads(self.config.run.threads)
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        with run_lock(self.run_dir, "start another one"):
+            return self._run(max_steps=max_steps, max_minutes=max_minutes, resume=resume, on_step=on_step)
+
+    def _run(self, *, max_steps: int | None, max_minutes: float | None, resume: bool,
+             on_step: Callable[[StepResult], None] | None) -> RunSummary:
+        torch.set_num_threads(self.config.run.threads)
         (self.run_dir / "config.json").write_text(self.config.dumps() + "\n")
         _upgrade_loss_log(self.run_dir / "loss.csv")  # once per session, not at every log write
-        if resume:
-            latest = latest_checkpoint(self.run_dir)
-            if latest is not None:
-                self.load_checkpoint(latest)
+        latest = latest_checkpoint(self.run_dir) if resume else None
+        if latest is not None:
+            self.load_checkpoint(latest)
+        elif self.stage == "segmentation" and self.step == 0:
+            self.initialise_segmenter()
         run_cfg = self.config.run
         start = time.monotonic()
         last_ckpt_time = start
@@ -783,7 +819,8 @@ def segmenter_metadata(labels: Sequence[int], *, steps: int) -> dict[str, str]:
     }
 
 
-#: Columns of <run dir>/segmenter_history.csv (one row per :func:`replace_segmenter`).
+#: <run dir>/segmenter_history.csv: one row per :func:`replace_segmenter`.
+SEGMENTER_HISTORY = "segmenter_history.csv"
 SEGMENTER_HISTORY_COLUMNS = ("time", "global_step", "step", "old_sha256", "new_sha256", "new_steps", "source")
 
 
@@ -791,53 +828,61 @@ def replace_segmenter(config: TrainingConfig, source: Path) -> Path:
     """Make the segmenter file ``source`` the frozen loss network of a run in its regression stage.
 
     For a better segmenter trained elsewhere (e.g. a fine-tuning run with ``init_weights``): the
-    file must have this run's ``[segmentation]`` architecture and labels. It is copied atomically
-    to ``<run dir>/segmenter.safetensors``, the newest checkpoint is re-pointed at it (its
-    ``segmenter_sha256``), and the change is appended to ``segmenter_history.csv``, so that the
-    jump it causes in the Dice loss and in the validation Dice can be told apart from training.
-    Returns the checkpoint.
+    file must have this run's ``[segmentation]`` network and labels. Refused while a training
+    process holds the run directory (stop it first: it keeps its segmenter in memory). Steps,
+    each atomic, in an order that a rerun after a crash completes: a row in
+    ``segmenter_history.csv`` (so that the jump it causes in the Dice numbers can be told
+    apart from training), the file as ``<run dir>/segmenter.safetensors``, and the newest
+    checkpoint's ``segmenter_sha256``. Returns the checkpoint.
     """
     source = Path(source).resolve()
     run_dir = Path(config.run.dir).resolve()
-    checkpoint = latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise TrainingError(f"{run_dir}: no checkpoint; a segmenter can only be replaced in the regression stage")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    if state.get("stage") != "regression":
-        raise TrainingError(f"{checkpoint}: stage {state.get('stage')!r}; a segmenter can only be replaced in the "
-                            "regression stage")
-    scheme = label_scheme(config)
-    expected = _unet_config(config.segmentation, out_channels=scheme.n_segmentation_labels, activation="softmax")
-    try:
-        loaded = load_weights(source)
-    except Exception as exc:  # WeightFileError, OSError, safetensors errors
-        raise TrainingError(f"{source}: cannot read the segmenter ({exc})") from exc
-    if loaded.config != expected:
-        raise TrainingError(f"{source}: segmenter {loaded.config} does not match [segmentation] {expected}")
-    labels = json.loads(loaded.metadata.get("labels", "null"))
-    if labels != list(scheme.segmentation_labels):
-        raise TrainingError(f"{source}: segments labels {labels}, the run's are {list(scheme.segmentation_labels)}")
-    target = run_dir / SEGMENTER_FILE
-    old_sha = sha256_file(target) if target.is_file() else ""
-    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_bytes(source.read_bytes())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-    state["segmenter_sha256"] = loaded.source_sha256
-    _atomic_torch_save(state, checkpoint)
-    history = run_dir / "segmenter_history.csv"
-    new = not history.exists()
-    with history.open("a", newline="") as fh:
-        writer = csv.writer(fh)
-        if new:
-            writer.writerow(SEGMENTER_HISTORY_COLUMNS)
-        writer.writerow([time.strftime("%Y-%m-%dT%H:%M:%S"), state["global_step"], state["step"], old_sha,
-                         loaded.source_sha256, loaded.metadata.get("synthsr_bids.steps", ""), str(source)])
-    LOGGER.info("%s replaced by %s (sha256 %s -> %s) at regression step %d; %s re-pointed", target, source,
-                old_sha[:12], loaded.source_sha256[:12], int(state["step"]), checkpoint.name)
+    if config.segmentation.steps == 0:
+        raise TrainingError("[segmentation].steps is 0: this run has no frozen segmenter to replace")
+    with run_lock(run_dir, "replace its segmenter"):
+        checkpoint = latest_checkpoint(run_dir)
+        if checkpoint is None:
+            raise TrainingError(f"{run_dir}: no checkpoint; a segmenter can only be replaced in the regression stage")
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        if state.get("stage") != "regression":
+            raise TrainingError(f"{checkpoint}: stage {state.get('stage')!r}; a segmenter can only be replaced in "
+                                "the regression stage")
+        scheme = label_scheme(config)
+        expected = _unet_config(config.segmentation, out_channels=scheme.n_segmentation_labels, activation="softmax")
+        staged = run_dir / f".{SEGMENTER_FILE}.staged"
+        copy_file_atomic(source, staged)  # check exactly the bytes that will be installed
+        try:
+            loaded = check_segmenter_file(staged, expected, scheme.segmentation_labels)
+            old_sha, new_sha = str(state.get("segmenter_sha256", "")), loaded.source_sha256
+            installed = run_dir / SEGMENTER_FILE
+            if old_sha == new_sha and installed.is_file() and sha256_file(installed) == new_sha:
+                LOGGER.info("%s is already the segmenter of %s; nothing to do", source, run_dir)
+                return checkpoint
+            row = [str(state["global_step"]), str(state["step"]), old_sha, new_sha,
+                   loaded.metadata.get("synthsr_bids.steps", ""), str(source)]
+            _append_history(run_dir / SEGMENTER_HISTORY, row)
+            os.replace(staged, run_dir / SEGMENTER_FILE)
+        finally:
+            staged.unlink(missing_ok=True)
+        state["segmenter_sha256"] = new_sha
+        _atomic_torch_save(state, checkpoint)
+    LOGGER.info("%s replaced by %s (sha256 %s -> %s) at regression step %d; %s re-pointed", run_dir / SEGMENTER_FILE,
+                source, old_sha[:12], new_sha[:12], int(state["step"]), checkpoint.name)
     return checkpoint
+
+
+def _append_history(path: Path, row: list[str]) -> None:
+    """Append ``time`` + ``row`` to the segmenter history, unless its last row already records it (a rerun)."""
+    rows = list(csv.reader(path.open(newline=""))) if path.is_file() else []
+    if rows and rows[-1][1:] == row:
+        return
+    with path.open("a", newline="") as fh:
+        writer = csv.writer(fh)
+        if not rows:
+            writer.writerow(SEGMENTER_HISTORY_COLUMNS)
+        writer.writerow([time.strftime("%Y-%m-%dT%H:%M:%S"), *row])
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 def regressor_from_checkpoint(checkpoint: Path) -> tuple[SynthSRUNet, int]:
