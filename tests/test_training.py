@@ -449,9 +449,17 @@ def test_replace_segmenter_in_a_running_regression(tmp_path: Path, volumes):
         replace_segmenter(config, relabelled)
     assert sha256_file(run / "segmenter.safetensors") == new_sha
 
+    # segmenters written before the "labels" key (like training_runs/default's) still resume
+    legacy = load_weights(run / "segmenter.safetensors")
+    metadata = {k: v for k, v in legacy.metadata.items() if k != "labels"}
+    metadata["synthsr_bids.segmentation_labels"] = legacy.metadata["labels"]
+    save_safetensors(legacy.model, tmp_path / "legacy.safetensors", metadata)
+    replace_segmenter(config, tmp_path / "legacy.safetensors")
+    make_trainer(config, volumes).run(max_steps=1)
+
     from synthsr_bids.training.report import write_training_report
     html = write_training_report(config).read_text()
-    assert "Frozen segmenter replaced</th><td>at regression step 2 (" in html
+    assert "Frozen segmenter replaced</th><td>at regression steps 2, 3 (" in html
 
     wrong = tiny_config(tmp_path / "wrong", seg_steps=1, reg_steps=0)
     wrong = dataclasses.replace(wrong, segmentation=dataclasses.replace(wrong.segmentation, base_features=6))
