@@ -205,7 +205,10 @@ def check_segmenter_file(path: Path, seg_config: UNetConfig, labels: Sequence[in
         raise TrainingError(f"{path}: segmenter {loaded.config} does not match [segmentation] {seg_config}")
     # "synthsr_bids.segmentation_labels": the key of segmenters written before "labels" (as morphometry reads them)
     stored = loaded.metadata.get("labels", loaded.metadata.get("synthsr_bids.segmentation_labels", "null"))
-    theirs = json.loads(stored)
+    try:
+        theirs = json.loads(stored)
+    except ValueError:
+        theirs = stored
     if theirs != list(labels):
         raise TrainingError(f"{path}: its labels {theirs} are not this run's segmentation labels {list(labels)}")
     return loaded

@@ -29,7 +29,7 @@ from ..reports.figures import BACKGROUND, LESION_COLOUR, save_figure
 from ..reports.render import render
 from .config import TrainingConfig
 from .generator import SynthBatch
-from .loop import Trainer, TrainingError, label_scheme, latest_checkpoint, load_validation_volumes
+from .loop import SEGMENTER_HISTORY, Trainer, TrainingError, label_scheme, latest_checkpoint, load_validation_volumes
 
 __all__ = [
     "LossCurve",
@@ -252,7 +252,7 @@ def write_training_report(config: TrainingConfig, *, output: Path | None = None)
     out = Path(output) if output is not None else run_dir / REPORT_DIR
     losses = read_loss_log(run_dir / "loss.csv")
     validation = read_validation_log(run_dir / "validation.csv")
-    replacements = read_segmenter_replacements(run_dir / "segmenter_history.csv")
+    replacements = read_segmenter_replacements(run_dir / SEGMENTER_HISTORY)
     save_figure(curves_figure(losses, validation, replacements=replacements), out / "curves.png")
 
     samples = None
