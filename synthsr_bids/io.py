@@ -21,7 +21,7 @@ import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import nibabel as nib
 import numpy as np
@@ -203,14 +203,27 @@ def save_nifti_atomic(
     xform_code: int = 1,
 ) -> None:
     """Write a NIfTI image atomically (temporary sibling + ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=xform_code)
     img.set_sform(affine, code=xform_code)
+    write_atomic(path, lambda tmp: nib.save(img, str(tmp)))
+
+
+def write_atomic(path: Path, write: Callable[[Path], Any], *, fsync: bool = False) -> None:
+    """Create ``path`` atomically: ``write`` fills a temporary sibling, which then replaces ``path``.
+
+    ``fsync``: flush the temporary file to disk before the rename (large files a crash must not
+    leave truncated under the final name). The temporary file never outlives a failure.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_sibling(path)
     try:
-        nib.save(img, str(tmp))
+        write(tmp)
+        if fsync:
+            with open(tmp, "rb+") as handle:
+                os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -219,29 +232,12 @@ def save_nifti_atomic(
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write a text file atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_sibling(path)
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(path, lambda tmp: tmp.write_text(text))
 
 
 def copy_file_atomic(source: Path, destination: Path) -> None:
     """Copy ``source`` to ``destination`` atomically (temporary sibling, fsync, ``os.replace``)."""
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_sibling(destination)
-    try:
-        shutil.copyfile(source, tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, destination)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    write_atomic(destination, lambda tmp: shutil.copyfile(source, tmp), fsync=True)
 
 
 def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:

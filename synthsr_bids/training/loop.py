@@ -38,7 +38,7 @@ import torch
 from filelock import FileLock, Timeout
 
 from ..models.network import SynthSRUNet, UNetConfig
-from ..io import copy_file_atomic
+from ..io import copy_file_atomic, write_atomic
 from ..models.weights import LoadedNetwork, load_weights, save_safetensors, sha256_file
 from .config import NetworkStage, TrainingConfig
 from .generator import SynthBatch, SynthGenerator
@@ -215,14 +215,7 @@ def check_segmenter_file(path: Path, seg_config: UNetConfig, labels: Sequence[in
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        torch.save(obj, tmp)
-        with open(tmp, "rb+") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp), fsync=True)
 
 
 def _unet_config(stage: NetworkStage, *, out_channels: int, activation: str) -> UNetConfig:
