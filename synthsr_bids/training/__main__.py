@@ -1,4 +1,4 @@
-"""``python -m synthsr_bids.training {train,export,ship,report,replace-segmenter,benchmark}``.
+"""``python -m synthsr_bids.training {train,export,ship,report,replace-segmenter,compare,benchmark}``.
 
 * ``train``: run/resume the two-stage job of a TOML config (see ``configs/default.toml``) until it
   is done, ``--max-steps`` or ``--max-minutes``; SIGTERM/SIGINT stop after the current step with a
@@ -12,6 +12,9 @@
   ``[segmentation].init_weights``) the frozen loss network of a run in its regression stage;
   recorded in ``<run dir>/segmenter_history.csv``. Stop the run's training first (refused while
   it holds ``<run dir>/.train.lock``); the next ``train`` resumes with the new segmenter.
+* ``compare``: paired A/B of two runs resumed from copies of one checkpoint (identical samples
+  step for step): mean training-loss difference per block of steps with a standard error, and
+  the validation numbers both logged (:mod:`.compare`).
 * ``benchmark``: seconds per generator sample and per network step for the configured sizes.
 """
 
@@ -70,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
     common(replace)
     replace.add_argument("segmenter", type=Path, help="segmenter .safetensors with the run's architecture and labels")
 
+    compare = sub.add_parser("compare", help="paired A/B of two runs forked from one checkpoint (loss B - A by step)",
+                             formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    compare.add_argument("run_a", type=Path, help="run folder A (the baseline, e.g. training_runs/default)")
+    compare.add_argument("run_b", type=Path, help="run folder B (the fork with the changed setting)")
+    compare.add_argument("--stage", choices=("segmentation", "regression"), default="regression")
+    compare.add_argument("--metric", choices=("l1", "loss", "dice_loss"), default="l1")
+    compare.add_argument("--block", type=int, default=100, help="steps per block of the table")
+
     bench = sub.add_parser("benchmark", help="time the generator and the network steps")
     common(bench)
     bench.add_argument("--steps", type=int, default=5)
@@ -88,6 +99,8 @@ def _setup_logging(verbose: int, log_file: Path | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command == "compare":
+        return _compare(args)
     from .config import ConfigError, load_config
     from .loop import TrainingError, Trainer, export_from_checkpoint, latest_checkpoint, replace_segmenter
 
@@ -149,6 +162,18 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingError as exc:
         LOGGER.error("%s", exc)
         return 65
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from .compare import CompareError, compare_runs, format_comparison
+
+    try:
+        result = compare_runs(args.run_a, args.run_b, stage=args.stage, metric=args.metric, block=args.block)
+    except CompareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 66
+    print(format_comparison(result, name_a=str(args.run_a), name_b=str(args.run_b)))
+    return 0
 
 
 def _benchmark(config, steps: int) -> int:  # type: ignore[no-untyped-def]

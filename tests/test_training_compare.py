@@ -1,0 +1,92 @@
+"""Paired A/B comparison of two training runs (``python -m synthsr_bids.training compare``)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from synthsr_bids.training.__main__ import main
+from synthsr_bids.training.compare import (
+    CompareError,
+    compare_curves,
+    compare_runs,
+    format_comparison,
+)
+from synthsr_bids.training.report import LossCurve
+
+LOSS_HEADER = "time,stage,step,global_step,loss,l1,dice_loss,generator_s,network_s,aux_dice_loss\n"
+VALIDATION_HEADER = "global_step,stage,step,metric,label,structure,value\n"
+
+
+def _curve(steps, l1) -> LossCurve:
+    steps = np.asarray(steps, dtype=np.int64)
+    l1 = np.asarray(l1, dtype=np.float64)
+    return LossCurve(steps=steps, loss=l1 * 2, l1=l1, dice_loss=np.full(l1.shape, 0.5), seconds=0.0)
+
+
+def _write_run(folder: Path, rows: list[tuple[int, float]], *, validation: list[tuple[int, float]] = ()) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    lines = [f"0,regression,{step},{step + 100},{2 * l1},{l1},0.5,0.1,1.0,\n" for step, l1 in rows]
+    (folder / "loss.csv").write_text(LOSS_HEADER + "".join(lines))
+    if validation:
+        (folder / "validation.csv").write_text(VALIDATION_HEADER + "".join(
+            f"{step + 100},regression,{step},l1,,all,{value}\n" for step, value in validation))
+    return folder
+
+
+def test_blocks_pair_by_step_and_report_b_minus_a():
+    # A has steps 10..19 (and an older step 5 B never ran); B has 10..17 plus 21
+    a = _curve([5, *range(10, 20)], [0.9, *[0.10] * 10])
+    b = _curve([*range(10, 18), 21], [0.10, 0.12, 0.12, 0.12, 0.13, 0.13, 0.13, 0.13, 0.5])
+    result = compare_curves(a, b, block=4)
+    assert result.first_step == 10 and result.same_start
+    assert [(blk.first, blk.last, blk.count) for blk in result.blocks] == [(10, 13, 4), (14, 17, 4)]
+    assert [blk.difference for blk in result.blocks] == pytest.approx([0.015, 0.03])
+    assert result.count == 8
+    assert result.difference == pytest.approx((0.015 + 0.03) / 2)
+    # two equal-size blocks: SE of the mean = |d1 - d2| / 2
+    assert result.standard_error == pytest.approx(0.0075)
+
+
+def test_different_first_step_is_flagged_as_not_paired():
+    result = compare_curves(_curve([1, 2, 3], [0.2, 0.2, 0.2]), _curve([1, 2, 3], [0.3, 0.2, 0.2]), block=10)
+    assert not result.same_start
+    assert math.isnan(result.standard_error)  # one block: no spread to estimate
+    assert "WARNING" in format_comparison(result)
+
+
+def test_shared_history_of_a_copied_run_folder_is_skipped():
+    shared = [0.5, 0.4, 0.3]
+    a = _curve([1, 2, 3, 4, 5], [*shared, 0.20, 0.20])
+    b = _curve([1, 2, 3, 4, 5], [*shared, 0.25, 0.15])
+    result = compare_curves(a, b, block=10)
+    # step 3 is the fork's first step (same weights), steps 1-2 are history
+    assert result.first_step == 3 and result.same_start and result.count == 3
+    assert result.difference == pytest.approx(0.0)
+
+
+def test_errors_name_the_problem(tmp_path: Path):
+    with pytest.raises(CompareError, match="no regression step"):
+        compare_curves(_curve([1, 2], [0.1, 0.1]), _curve([3, 4], [0.1, 0.1]))
+    with pytest.raises(CompareError, match="unknown metric"):
+        compare_curves(_curve([1], [0.1]), _curve([1], [0.1]), metric="psnr")
+    with pytest.raises(CompareError, match="no loss log"):
+        compare_runs(tmp_path / "nothing", tmp_path / "nothing")
+
+
+def test_cli_prints_blocks_and_paired_validation(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
+    a = _write_run(tmp_path / "main", [(s, 0.10) for s in range(1, 201)], validation=[(100, 0.11), (200, 0.10)])
+    b = _write_run(tmp_path / "fork", [(1, 0.10), *[(s, 0.08) for s in range(2, 201)]],
+                   validation=[(200, 0.095)])
+    assert main(["compare", str(a), str(b), "--block", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "| 1-100 | 100 | 0.1000 | 0.0802 | -0.0198 |" in out
+    assert "| 101-200 | 100 | 0.1000 | 0.0800 | -0.0200 |" in out
+    assert "**-0.0199 +- 0.0001**" in out
+    assert "| 200 | 0.1000 | 0.0950 | -0.0050 |" in out  # only the step both validated
+    assert "WARNING" not in out
+    assert main(["compare", str(a), str(tmp_path / "missing")]) == 66
+    assert "no loss log" in capsys.readouterr().err
