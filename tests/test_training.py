@@ -589,3 +589,18 @@ def check_shipped(package: Path, *, version: str, reg_steps: int, seg_steps: int
     assert segmenter.input_scale == pytest.approx(1 / 128)
     assert len(segmenter.table.ids) == seg.config.out_channels and 2 in segmenter.table.ids and 41 in segmenter.table.ids
     assert seg.metadata["synthsr_bids.steps"] == str(seg_steps)
+
+
+def test_loss_log_of_an_older_run_gets_the_new_columns_atomically(tmp_path: Path):
+    from synthsr_bids.training.loop import LOSS_COLUMNS, _upgrade_loss_log
+
+    log = tmp_path / "loss.csv"
+    log.write_text("time,stage,step,global_step,loss,l1,dice_loss,generator_s,network_s\n"
+                   "1,regression,7,107,0.3,0.2,0.4,0.1,1.0\n")
+    _upgrade_loss_log(log)
+    lines = log.read_text().splitlines()
+    assert lines == [",".join(LOSS_COLUMNS), "1,regression,7,107,0.3,0.2,0.4,0.1,1.0,"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["loss.csv"]  # no temporary file left
+    before = log.stat().st_mtime_ns
+    _upgrade_loss_log(log)  # already current: not rewritten
+    assert log.stat().st_mtime_ns == before

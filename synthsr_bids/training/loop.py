@@ -27,7 +27,6 @@ import math
 import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -757,12 +756,13 @@ def _upgrade_loss_log(path: Path) -> None:
             return
         fh.seek(0)
         rows = list(csv.DictReader(fh))
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    with tmp.open("w", newline="") as out:
-        writer = csv.DictWriter(out, fieldnames=LOSS_COLUMNS, restval="", extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    def write(tmp: Path) -> None:
+        with tmp.open("w", newline="") as out:
+            writer = csv.DictWriter(out, fieldnames=LOSS_COLUMNS, restval="", extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    write_atomic(path, write)
 
 
 def _fit_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
