@@ -327,7 +327,8 @@ def test_patient_cases_from_file_name_patterns(tmp_path: Path):
     assert files["T1"].name.startswith("T1_") and "lesions" in files
     cases = patient_cases(folder)
     assert [c.name for c in cases] == ["FLAIR 1mm", "FLAIR 5mm ax", "FLAIR 5mm cor", "T2 1mm", "T2 5mm ax",
-                                       "T2 5mm cor", "T1 5mm ax"]
+                                       "T2 5mm cor", "T1 5mm ax", "T1 1mm"]
+    assert cases[-1].input is cases[-1].reference  # the ceiling row: the reference itself
     assert cases[1].input.zooms == pytest.approx((1.0, 1.0, 5.0))
     assert cases[2].input.zooms == pytest.approx((1.0, 5.0, 1.0))
     assert cases[0].lesion_mask.sum() > 0 and cases[0].nawm_mask.sum() > 0
@@ -353,7 +354,7 @@ def test_cli_end_to_end_writes_table_and_json(tmp_path: Path, capsys):
     assert doc["skipped"] == []
     assert [c["name"] for c in doc["cases"]][:2] == ["syn1 brain1_labels", "syn2 brain2_labels"]
     patient_docs = [c for c in doc["cases"] if c["group"] == patient.name]
-    assert len(patient_docs) == 7
+    assert len(patient_docs) == 8
     for case in doc["cases"]:
         assert case["seconds"] > 0
         for method in doc["methods"]:
@@ -369,7 +370,8 @@ def test_cli_end_to_end_writes_table_and_json(tmp_path: Path, capsys):
     # pipeline's own resampling: on the reference grid it must match the trilinear baseline (a flip
     # or a shift would not) and keep the lesion contrast.
     by_name = {c["name"]: c["methods"] for c in patient_docs}
-    for name in ("FLAIR 1mm", "T2 1mm"):
+    assert by_name["T1 1mm"]["trilinear"]["brain"]["r"] == pytest.approx(1.0)
+    for name in ("FLAIR 1mm", "T2 1mm", "T1 1mm"):
         assert by_name[name]["model"]["brain"]["r"] == pytest.approx(by_name[name]["trilinear"]["brain"]["r"], abs=1e-6)
         assert by_name[name]["model"]["lesion"]["removed"] == pytest.approx(0.0, abs=1e-6)
     t1 = by_name["T1 5mm ax"]

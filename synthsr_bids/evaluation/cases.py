@@ -23,7 +23,8 @@ skull-stripped, 1 mm MNI space). Reference: the real T1; brain mask: its nonzero
 lesions: the consensus mask (GOLD_STANDARD); NAWM (no labels available): brain voxels above the
 80th percentile of the T1 intensity, minus the lesions dilated by 2 voxels. Inputs: FLAIR and T2
 at 1 mm and degraded (:func:`~.degrade.thick_slices`) to 5 mm axial and 5 mm coronal slices,
-and the T1 itself degraded to 5 mm axial slices.
+the T1 itself degraded to 5 mm axial slices, and the 1 mm T1 itself (baselines perfect by
+construction; the model's score measures how far its output is from a real T1 at best).
 """
 
 from __future__ import annotations
@@ -89,6 +90,9 @@ PATIENT_CASES = (
     ("T2 5mm ax", "T2", "axial"),
     ("T2 5mm cor", "T2", "coronal"),
     ("T1 5mm ax", "T1", "axial"),
+    # The reference itself as input: the baselines are perfect, the model's score is how far its output
+    # style (synthetic T1 targets) and its errors take it from a real 1 mm T1 (a ceiling for the rows above).
+    ("T1 1mm", "T1", None),
 )
 
 
