@@ -3,7 +3,8 @@
 * ``train``: run/resume the two-stage job of a TOML config (see ``configs/default.toml``) until it
   is done, ``--max-steps`` or ``--max-minutes``; SIGTERM/SIGINT stop after the current step with a
   checkpoint.
-* ``export``: write the regression weights of the newest checkpoint as float16 safetensors.
+* ``export``: write the regression weights of the newest checkpoint as float16 safetensors (the
+  weight average when the run keeps one, unless ``--raw``).
 * ``ship``: put the newest regression weights and the run's segmenter into the package as the
   bundled ``synthsr-bids`` / ``synthsr-bids-seg`` models (files + ``models.json``).
 * ``report``: ``<run dir>/report/index.html``: loss and validation curves, the validation samples
@@ -53,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = sub.add_parser("export", help="export float16 regression weights from the newest checkpoint")
     common(export)
     export.add_argument("--output", type=Path, default=None, help="default: <run dir>/model.safetensors")
+    export.add_argument("--raw", action="store_true",
+                        help="export the raw weights even when the run keeps a weight average ([regression].ema_decay)")
 
     ship = sub.add_parser("ship", help="bundle the newest weights into the package and register them",
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -118,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: no checkpoint in {run_dir} (train first)", file=sys.stderr)
                 return 66
         if args.command == "export":
-            out = export_from_checkpoint(ckpt, args.output or run_dir / "model.safetensors")
+            out = export_from_checkpoint(ckpt, args.output or run_dir / "model.safetensors", average=not args.raw)
             print(out)
             return 0
         if args.command == "ship":

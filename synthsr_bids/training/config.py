@@ -96,6 +96,9 @@ class NetworkStage:
     #: run's segmenter.safetensors; same network and labels) instead of a random initialisation, i.e. fine-tune it;
     #: read when the stage starts (a resumed stage takes its weights from the checkpoint)
     init_weights: Path | None = None
+    #: regression only: > 0 keeps an exponential moving average of the weights (spanning ~1/(1 - ema_decay)
+    #: steps, :mod:`.ema`), validated next to the raw weights and exported instead of them; 0 = off
+    ema_decay: float = 0.0
 
     def learning_rate(self, step: int) -> float:
         """The learning rate of (0-based) ``step``: warm-up, then the schedule.
@@ -278,6 +281,10 @@ def _validate(config: TrainingConfig, where: str) -> None:
         if stage_name != "segmentation" and (stage.init_weights is not None or stage.target_blur_max > 0):
             raise ConfigError(f"{where} [{stage_name}]: init_weights and target_blur_max belong to the segmentation "
                               "stage")
+        if not 0 <= stage.ema_decay < 1:
+            raise ConfigError(f"{where} [{stage_name}].ema_decay must be in [0, 1), got {stage.ema_decay}")
+        if stage_name == "segmentation" and stage.ema_decay > 0:
+            raise ConfigError(f"{where} [segmentation].ema_decay: the weight average belongs to the regression stage")
         if stage.init_weights is not None and stage.steps == 0:
             raise ConfigError(f"{where} [{stage_name}].init_weights is set but steps = 0: nothing would be trained")
         multiple = 2 ** (stage.n_levels - 1)

@@ -11,7 +11,8 @@ The run directory holds:
   states), written atomically; plain tensors/containers, loaded with ``weights_only=True``;
 * ``segmenter.safetensors``: the frozen segmenter (after stage 1);
 * ``model.safetensors``: the regression weights as float16 (refreshed at every validation and at
-  the end; the file to ship);
+  the end; the file to ship): the weight average when ``[regression].ema_decay`` > 0;
+* ``ema.safetensors``: that weight average (fp32, :mod:`.ema`), written with every checkpoint;
 * ``loss.csv``, ``validation.csv`` (per structure Dice, L1) and ``config.json``;
 * ``segmenter_history.csv``: when the frozen segmenter was swapped (:func:`replace_segmenter`).
 """
@@ -40,6 +41,7 @@ from ..models.network import SynthSRUNet, UNetConfig
 from ..io import copy_file_atomic, write_atomic
 from ..models.weights import LoadedNetwork, load_weights, save_safetensors, sha256_file
 from .config import NetworkStage, TrainingConfig
+from .ema import EMA_FILE, WeightAverage
 from .generator import SynthBatch, SynthGenerator
 from .labels import (
     ContrastPriors,
@@ -294,6 +296,8 @@ class Trainer:
         self.seg_opt: torch.optim.Optimizer | None = None
         self.regressor: SynthSRUNet | None = None
         self.reg_opt: torch.optim.Optimizer | None = None
+        #: exponential moving average of the regressor's weights ([regression].ema_decay > 0), see .ema
+        self.reg_ema: WeightAverage | None = None
         torch.manual_seed(config.run.seed)
         if self.stage == "segmentation":
             self._new_segmenter()
@@ -328,6 +332,14 @@ class Trainer:
     def _new_regressor(self) -> None:
         self.regressor = self._prepare(SynthSRUNet(self.reg_config))
         self.reg_opt = torch.optim.Adam(self.regressor.parameters(), lr=self.config.regression.lr)
+        decay = self.config.regression.ema_decay
+        self.reg_ema = WeightAverage(self.regressor, decay) if decay > 0 else None
+
+    def averaged_regressor(self) -> SynthSRUNet | None:
+        """A network holding the weight average (eval mode), or None when the run keeps none."""
+        if self.reg_ema is None:
+            return None
+        return self.reg_ema.copy_to(self._prepare(SynthSRUNet(self.reg_config))).eval()
 
     def _load_frozen_segmenter(self) -> None:
         path = self.run_dir / SEGMENTER_FILE
@@ -386,6 +398,8 @@ class Trainer:
             terms.total.backward()
             _set_learning_rate(self.reg_opt, stage_cfg.learning_rate(self.step))
             self.reg_opt.step()
+            if self.reg_ema is not None:
+                self.reg_ema.update(self.regressor)
             value, l1, dice = float(terms.total.detach()), terms.l1, terms.dice_loss
             aux = terms.aux_dice_loss if stage_cfg.aux_seg_weight > 0 else math.nan
         t2 = time.perf_counter()
@@ -408,11 +422,13 @@ class Trainer:
             x = torch.stack([blur(volume[0], (sigma,) * 3)[None] for volume in x]).to(x.dtype)
         return x
 
-    def synthesize(self, image: torch.Tensor) -> torch.Tensor:
-        """The regressor's image channel (float32) for ``image``; the caller picks train/eval mode and grad."""
-        assert self.regressor is not None
+    def synthesize(self, image: torch.Tensor, model: SynthSRUNet | None = None) -> torch.Tensor:
+        """The image channel (float32) of ``model`` (default: the regressor) for ``image``; the caller picks
+        train/eval mode and grad."""
+        model = self.regressor if model is None else model
+        assert model is not None
         with self._autocast():
-            return self.regressor(self._to_net(image))[:, :1].float()
+            return model(self._to_net(image))[:, :1].float()
 
     def _finish_stage(self) -> None:
         if self._last_validation != self.global_step:
@@ -465,6 +481,8 @@ class Trainer:
         target_sum = torch.zeros(n_classes, dtype=torch.float64)
         target_count = torch.zeros(n_classes, dtype=torch.float64)
         l1s, lesion_l1s = [], []
+        ema_l1s, ema_lesion_l1s = [], []
+        averaged = self.averaged_regressor() if self.stage == "regression" else None
         seg = self.segmenter
         assert seg is not None or self.stage == "regression"
         if seg is not None:
@@ -482,6 +500,11 @@ class Trainer:
                 mask = batch.lesion_mask.to(self.device)
                 if bool(mask.any()):
                     lesion_l1s.append(float((pred - target).abs()[mask].mean()))
+                if averaged is not None:
+                    error = (self.synthesize(batch.input, averaged) - target).abs()
+                    ema_l1s.append(float(error.mean()))
+                    if bool(mask.any()):
+                        ema_lesion_l1s.append(float(error[mask].mean()))
                 x = pred * SEG_INPUT_SCALE
             if seg is None:
                 continue
@@ -523,6 +546,12 @@ class Trainer:
         if lesion_l1s:
             summary["l1_lesion"] = float(np.mean(lesion_l1s))
             rows.append(("l1_lesion", "", "lesions", summary["l1_lesion"]))
+        if ema_l1s:
+            summary["l1_ema"] = float(np.mean(ema_l1s))
+            rows.append(("l1_ema", "", "all", summary["l1_ema"]))
+        if ema_lesion_l1s:
+            summary["l1_lesion_ema"] = float(np.mean(ema_lesion_l1s))
+            rows.append(("l1_lesion_ema", "", "lesions", summary["l1_lesion_ema"]))
         path = self.run_dir / "validation.csv"
         new = not path.exists()
         with path.open("a", newline="") as fh:
@@ -565,6 +594,8 @@ class Trainer:
         """Write ``ckpt-<global step>.pt`` atomically and delete older checkpoints."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / f"ckpt-{self.global_step:08d}.pt"
+        if self.reg_ema is not None:  # first: a checkpoint never points at an average older than itself
+            self.reg_ema.save(self.run_dir / EMA_FILE, global_step=self.global_step)
         _atomic_torch_save(self.state_dict(), path)
         for old in self.run_dir.iterdir():
             if _CKPT_RE.match(old.name) and old != path:
@@ -624,6 +655,9 @@ class Trainer:
                     weights, moments = _resize_head(weights, moments, self.regressor)
                 self.regressor.load_state_dict(weights)
                 self.reg_opt.load_state_dict(moments)
+                if self.reg_ema is not None:
+                    self.reg_ema = WeightAverage.resume(self.run_dir / EMA_FILE, self.regressor,
+                                                        self.config.regression.ema_decay, global_step=self.global_step)
         # Last: building the networks above drew their (discarded) initial weights from it.
         torch.set_rng_state(state["torch_rng"])
         LOGGER.info("resumed from %s: stage %s, step %d (global %d)", path, self.stage, self.step, self.global_step)
@@ -635,7 +669,9 @@ class Trainer:
         path = Path(path) if path is not None else self.run_dir / MODEL_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         gen = self.config.generator
-        return export_regression(self.regressor, path, metadata={
+        averaged = self.averaged_regressor()
+        return export_regression(self.regressor if averaged is None else averaged, path, metadata={
+            "synthsr_bids.weights": "raw" if averaged is None else f"ema {self.config.regression.ema_decay:g}",
             "synthsr_bids.role": "regression",
             "synthsr_bids.trained_steps": str(self.step if self.stage == "regression" else self.config.regression.steps),
             "synthsr_bids.crop_shape": json.dumps(list(gen.crop_shape)),
@@ -883,8 +919,22 @@ def _append_history(path: Path, row: list[str]) -> None:
         os.fsync(fh.fileno())
 
 
-def regressor_from_checkpoint(checkpoint: Path) -> tuple[SynthSRUNet, int]:
-    """The regression U-Net of a training checkpoint and its number of regression steps."""
+@dataclass(frozen=True)
+class CheckpointRegressor:
+    """The regression U-Net of a checkpoint (image channel only)."""
+
+    model: SynthSRUNet
+    steps: int  #: regression steps trained
+    weights: str  #: ``"raw"``, or ``"ema <decay>"`` for the weight average
+
+
+def regressor_from_checkpoint(checkpoint: Path, *, average: bool = True) -> CheckpointRegressor:
+    """The regression U-Net of a training checkpoint and its number of regression steps.
+
+    ``average``: when the run keeps a weight average (``[regression].ema_decay`` > 0) and its
+    ``ema.safetensors`` belongs to this checkpoint's step, return the averaged weights (what the
+    run validates and exports) instead of the raw ones.
+    """
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -896,14 +946,24 @@ def regressor_from_checkpoint(checkpoint: Path) -> tuple[SynthSRUNet, int]:
                             "train until the regression stage has started")
     model = SynthSRUNet(UNetConfig.from_dict(json.loads(state["reg_config"])))
     model.load_state_dict(state["regressor"])
-    return image_head_only(model), int(state["step"])
+    decay = float(json.loads(state["config"]).get("regression", {}).get("ema_decay", 0.0) or 0.0)
+    weights = "raw"
+    ema_file = Path(checkpoint).parent / EMA_FILE
+    if average and decay > 0 and ema_file.is_file():
+        averaged = WeightAverage.resume(ema_file, model, decay, global_step=int(state["global_step"]))
+        if averaged.restored:
+            averaged.copy_to(model)
+            weights = f"ema {decay:g}"
+    return CheckpointRegressor(model=image_head_only(model), steps=int(state["step"]), weights=weights)
 
 
-def export_from_checkpoint(checkpoint: Path, output: Path) -> Path:
-    """Export the regression weights of a training checkpoint as float16 safetensors."""
-    model, steps = regressor_from_checkpoint(checkpoint)
-    return export_regression(model, Path(output), metadata={
+def export_from_checkpoint(checkpoint: Path, output: Path, *, average: bool = True) -> Path:
+    """Export the regression weights of a training checkpoint as float16 safetensors (``average``: see
+    :func:`regressor_from_checkpoint`)."""
+    regressor = regressor_from_checkpoint(checkpoint, average=average)
+    return export_regression(regressor.model, Path(output), metadata={
         "synthsr_bids.role": "regression",
-        "synthsr_bids.trained_steps": str(steps),
+        "synthsr_bids.trained_steps": str(regressor.steps),
+        "synthsr_bids.weights": regressor.weights,
         "license": "Apache-2.0",
     })

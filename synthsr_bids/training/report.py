@@ -5,7 +5,7 @@
 
 * ``curves.png``: training losses (moving averages) and the validation numbers against steps;
 * ``samples.png``: the fixed held-out validation samples (input, synthetic T1 target,
-  prediction of the newest checkpoint, absolute error, lesions outlined in red);
+  prediction of the newest checkpoint (its weight average when the run keeps one), absolute error, lesions outlined in red);
 * ``index.html``: those figures, the run's position (stage, steps, CPU hours) and the newest
   validation Dice per structure.
 
@@ -175,9 +175,11 @@ def curves_figure(losses: dict[str, LossCurve], validation: ValidationLog, *, wi
     ax = axes[1, 0]
     _style(ax, "validation (held-out maps): L1", "regression step")
     reg = validation.metrics.get("regression", {})
-    for name, colour in (("l1", "#ffb000"), ("l1_lesion", LESION_COLOUR)):
+    for name, colour, label in (("l1", "#ffb000", "l1"), ("l1_lesion", LESION_COLOUR, "l1 inside lesions"),
+                                ("l1_ema", "#7fb3e6", "l1, weight average"),
+                                ("l1_lesion_ema", "#e6a0c4", "l1 inside lesions, weight average")):
         if name in reg:
-            ax.plot(*reg[name], marker="o", markersize=3, color=colour, label=name.replace("_", " inside "))
+            ax.plot(*reg[name], marker="o", markersize=3, color=colour, label=label)
     if reg:
         ax.legend(fontsize=7, facecolor=BACKGROUND, labelcolor=_FG, edgecolor="#555555")
     ax = axes[1, 1]
@@ -237,10 +239,11 @@ def samples_figure(batches: Sequence[SynthBatch], predictions: Sequence[torch.Te
 
 
 def _predict(trainer: Trainer, batches: Sequence[SynthBatch]) -> list[torch.Tensor]:
+    """Predictions of the weights the run exports: the weight average when it keeps one, else the raw weights."""
     assert trainer.regressor is not None
-    trainer.regressor.eval()
+    model = trainer.averaged_regressor() or trainer.regressor.eval()
     with torch.no_grad():
-        return [trainer.synthesize(batch.input).cpu() for batch in batches]
+        return [trainer.synthesize(batch.input, model).cpu() for batch in batches]
 
 
 def write_training_report(config: TrainingConfig, *, output: Path | None = None) -> Path:

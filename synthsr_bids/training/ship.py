@@ -71,12 +71,14 @@ class ShippedModel:
 
 def _write_regression(checkpoint: Path, path: Path, *, version: str, preview: bool) -> int:
     try:
-        model, steps = regressor_from_checkpoint(checkpoint)
+        regressor = regressor_from_checkpoint(checkpoint)
     except TrainingError as exc:
         raise ShipError(str(exc)) from exc
+    model, steps = regressor.model, regressor.steps
     metadata = {
         "synthsr_bids.role": "regression",
         "synthsr_bids.trained_steps": str(steps),
+        "synthsr_bids.weights": regressor.weights,
         "synthsr_bids.version": version,
         "synthsr_bids.output_scale": repr(SYNTHESIS_OUTPUT_SCALE),
         "license": "Apache-2.0",
