@@ -537,21 +537,14 @@ class Trainer:
             rows.append(("mean_dice", "", "all-foreground", summary["mean_dice"]))
         target_fg = [float(target_sum[k] / target_count[k]) for k in range(n_classes)
                      if target_count[k] > 0 and seg_labels[k] != 0]
-        if target_fg:
-            summary["mean_dice_target"] = float(np.mean(target_fg))
-            rows.append(("mean_dice_target", "", "all-foreground", summary["mean_dice_target"]))
-        if l1s:
-            summary["l1"] = float(np.mean(l1s))
-            rows.append(("l1", "", "all", summary["l1"]))
-        if lesion_l1s:
-            summary["l1_lesion"] = float(np.mean(lesion_l1s))
-            rows.append(("l1_lesion", "", "lesions", summary["l1_lesion"]))
-        if ema_l1s:
-            summary["l1_ema"] = float(np.mean(ema_l1s))
-            rows.append(("l1_ema", "", "all", summary["l1_ema"]))
-        if ema_lesion_l1s:
-            summary["l1_lesion_ema"] = float(np.mean(ema_lesion_l1s))
-            rows.append(("l1_lesion_ema", "", "lesions", summary["l1_lesion_ema"]))
+        # metric -> (structure column, per-sample values): each logged as its mean when there are values
+        means = {"mean_dice_target": ("all-foreground", target_fg), "l1": ("all", l1s),
+                 "l1_lesion": ("lesions", lesion_l1s), "l1_ema": ("all", ema_l1s),
+                 "l1_lesion_ema": ("lesions", ema_lesion_l1s)}
+        for metric, (structure, values) in means.items():
+            if values:
+                summary[metric] = float(np.mean(values))
+                rows.append((metric, "", structure, summary[metric]))
         path = self.run_dir / "validation.csv"
         new = not path.exists()
         with path.open("a", newline="") as fh:
