@@ -21,15 +21,18 @@ LOSS_HEADER = "time,stage,step,global_step,loss,l1,dice_loss,generator_s,network
 VALIDATION_HEADER = "global_step,stage,step,metric,label,structure,value\n"
 
 
-def _curve(steps, l1) -> LossCurve:
+def _curve(steps, l1, times=None) -> LossCurve:
     steps = np.asarray(steps, dtype=np.int64)
     l1 = np.asarray(l1, dtype=np.float64)
-    return LossCurve(steps=steps, loss=l1 * 2, l1=l1, dice_loss=np.full(l1.shape, 0.5), seconds=0.0)
+    times = None if times is None else np.asarray(times, dtype=np.float64)
+    return LossCurve(steps=steps, loss=l1 * 2, l1=l1, dice_loss=np.full(l1.shape, 0.5), seconds=0.0, times=times,
+                     step_seconds=None if times is None else np.full(l1.shape, 1.1))
 
 
-def _write_run(folder: Path, rows: list[tuple[int, float]], *, validation: list[tuple[int, float]] = ()) -> Path:
+def _write_run(folder: Path, rows: list[tuple[int, float]], *, validation: list[tuple[int, float]] = (),
+               started: int = 0) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [f"0,regression,{step},{step + 100},{2 * l1},{l1},0.5,0.1,1.0,\n" for step, l1 in rows]
+    lines = [f"{started + 3 * step},regression,{step},{step + 100},{2 * l1},{l1},0.5,0.1,1.0,\n" for step, l1 in rows]
     (folder / "loss.csv").write_text(LOSS_HEADER + "".join(lines))
     if validation:
         (folder / "validation.csv").write_text(VALIDATION_HEADER + "".join(
@@ -49,6 +52,10 @@ def test_blocks_pair_by_step_and_report_b_minus_a():
     assert result.difference == pytest.approx((0.015 + 0.03) / 2)
     # two equal-size blocks: SE of the mean = |d1 - d2| / 2
     assert result.standard_error == pytest.approx(0.0075)
+    # blocks of 3: 10-12, 13-15 and a 2-step rest that is left out of the standard error
+    thirds = compare_curves(a, b, block=3)
+    assert [blk.count for blk in thirds.blocks] == [3, 3, 2]
+    assert thirds.standard_error == pytest.approx(abs(0.04 / 3 - 0.08 / 3) / 2)
 
 
 def test_different_first_step_is_flagged_as_not_paired():
@@ -58,14 +65,23 @@ def test_different_first_step_is_flagged_as_not_paired():
     assert "WARNING" in format_comparison(result)
 
 
-def test_shared_history_of_a_copied_run_folder_is_skipped():
+def test_rows_copied_with_the_run_folder_are_history_not_pairs():
+    # steps 1-3 were copied into the fork (same time stamps); the fork's own rows start at step 4,
+    # which it scored with the same weights on the same sample (same loss, other time)
     shared = [0.5, 0.4, 0.3]
-    a = _curve([1, 2, 3, 4, 5], [*shared, 0.20, 0.20])
-    b = _curve([1, 2, 3, 4, 5], [*shared, 0.25, 0.15])
+    a = _curve([1, 2, 3, 4, 5], [*shared, 0.20, 0.20], times=[10, 20, 30, 40, 50])
+    b = _curve([1, 2, 3, 4, 5], [*shared, 0.20, 0.15], times=[10, 20, 30, 95, 99])
     result = compare_curves(a, b, block=10)
-    # step 3 is the fork's first step (same weights), steps 1-2 are history
-    assert result.first_step == 3 and result.same_start and result.count == 3
-    assert result.difference == pytest.approx(0.0)
+    assert result.first_step == 4 and result.same_start and result.count == 2
+    assert result.difference == pytest.approx(-0.025)
+    # a full copy whose own first row differs did not resume the same state: flagged
+    unpaired = compare_curves(a, _curve([1, 2, 3, 4, 5], [*shared, 0.35, 0.15], times=[10, 20, 30, 95, 99]))
+    assert unpaired.first_step == 4 and not unpaired.same_start
+    # equal losses written at other times (two arms of a setting that does not touch training) are pairs
+    twins = compare_curves(a, _curve([1, 2, 3, 4, 5], [*shared, 0.20, 0.20], times=[11, 21, 31, 41, 51]))
+    assert twins.count == 5 and twins.difference == 0.0
+    with pytest.raises(CompareError, match="only share rows copied"):
+        compare_curves(a, a)
 
 
 def test_errors_name_the_problem(tmp_path: Path):
@@ -80,7 +96,7 @@ def test_errors_name_the_problem(tmp_path: Path):
 def test_cli_prints_blocks_and_paired_validation(tmp_path: Path, capsys: pytest.CaptureFixture[str]):
     a = _write_run(tmp_path / "main", [(s, 0.10) for s in range(1, 201)], validation=[(100, 0.11), (200, 0.10)])
     b = _write_run(tmp_path / "fork", [(1, 0.10), *[(s, 0.08) for s in range(2, 201)]],
-                   validation=[(200, 0.095)])
+                   validation=[(200, 0.095)], started=7)
     assert main(["compare", str(a), str(b), "--block", "100"]) == 0
     out = capsys.readouterr().out
     assert "| 1-100 | 100 | 0.1000 | 0.0802 | -0.0198 |" in out
@@ -90,3 +106,6 @@ def test_cli_prints_blocks_and_paired_validation(tmp_path: Path, capsys: pytest.
     assert "WARNING" not in out
     assert main(["compare", str(a), str(tmp_path / "missing")]) == 66
     assert "no loss log" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as usage:
+        main(["compare", str(a), str(b), "--block", "0"])
+    assert usage.value.code == 2 and "must be >= 1" in capsys.readouterr().err

@@ -82,12 +82,19 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("run_b", type=Path, help="run folder B (the fork with the changed setting)")
     compare.add_argument("--stage", choices=("segmentation", "regression"), default="regression")
     compare.add_argument("--metric", choices=("l1", "loss", "dice_loss"), default="l1")
-    compare.add_argument("--block", type=int, default=100, help="steps per block of the table")
+    compare.add_argument("--block", type=_positive_int, default=100, help="steps per block of the table")
 
     bench = sub.add_parser("benchmark", help="time the generator and the network steps")
     common(bench)
     bench.add_argument("--steps", type=int, default=5)
     return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _setup_logging(verbose: int, log_file: Path | None) -> None:

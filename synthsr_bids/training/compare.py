@@ -9,15 +9,17 @@ and a few hundred steps measure effects that unpaired runs would need thousands 
 
 ``python -m synthsr_bids.training compare RUN_A RUN_B`` pairs the ``loss.csv`` rows of the
 two run folders by step and prints the mean of ``B - A`` per block of steps, over all paired
-steps (with a standard error from the block means: neighbouring steps share weights, so their
-differences are not independent), and the validation numbers both runs logged at the same step.
-Leading steps with identical values (a fork made by copying the whole run folder, loss log
-included) are history both runs share and are skipped. The first paired step is checked: if the two runs did not score the same loss there, they did
+steps (with a standard error from the means of the full blocks: neighbouring steps share weights,
+so their differences are not independent; consecutive blocks are not fully independent either, so
+read it as a lower bound), and the validation numbers both runs logged at the same step. Rows a
+fork copied with the whole run folder (same time stamp, step time and losses in both logs) are
+history both runs share and are skipped. The first paired step is checked: if the two runs did not score the same loss there, they did
 not start from the same weights or did not draw the same samples, and the comparison says so.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +65,7 @@ class PairedComparison:
     blocks: tuple[PairedBlock, ...]
     mean_a: float
     mean_b: float
-    #: standard error of the mean difference from the block means (NaN with fewer than 2 blocks)
+    #: standard error of the mean difference from the means of the full blocks (NaN with fewer than 2)
     standard_error: float
     #: the first paired step and whether both runs scored the same there (same weights and samples)
     first_step: int
@@ -94,15 +96,14 @@ def compare_curves(a: LossCurve, b: LossCurve, *, metric: str = "l1", block: int
     common, ia, ib = np.intersect1d(a.steps, b.steps, assume_unique=True, return_indices=True)
     values_a = getattr(a, metric)[ia]
     values_b = getattr(b, metric)[ib]
-    finite = np.isfinite(values_a) & np.isfinite(values_b)
-    common, values_a, values_b = common[finite], values_a[finite], values_b[finite]
-    if common.size == 0:
+    keep = np.isfinite(values_a) & np.isfinite(values_b)
+    if common[keep].size == 0:
         raise CompareError(f"the two runs have no {stage} step with a {metric} value in common")
-    # A fork made by copying the whole run folder shares the loss rows before the fork: skip them,
-    # keeping the last identical step (the fork's first step, scored with the same weights).
-    shared = int(np.argmax(values_a != values_b)) if (values_a != values_b).any() else common.size
-    if shared > 1:
-        common, values_a, values_b = common[shared - 1:], values_a[shared - 1:], values_b[shared - 1:]
+    keep &= ~_copied_rows(a, b, ia, ib)
+    common, values_a, values_b = common[keep], values_a[keep], values_b[keep]
+    if common.size == 0:
+        raise CompareError("the two runs only share rows copied from one log into the other (the history before "
+                           "the fork): nothing to compare yet")
     first = int(common[0])
     same_start = bool(np.isclose(values_b[0], values_a[0], rtol=SAME_START_RTOL, atol=0.0))
     blocks = []
@@ -112,28 +113,45 @@ def compare_curves(a: LossCurve, b: LossCurve, *, metric: str = "l1", block: int
         steps = common[sel]
         blocks.append(PairedBlock(first=int(steps[0]), last=int(steps[-1]), count=int(sel.sum()),
                                   mean_a=float(values_a[sel].mean()), mean_b=float(values_b[sel].mean())))
-    if len(blocks) >= 2:
-        diffs = np.array([blk.difference for blk in blocks])
-        weights = np.array([blk.count for blk in blocks], dtype=np.float64)
-        mean = float(np.average(diffs, weights=weights))
-        variance = float(np.average((diffs - mean) ** 2, weights=weights)) * len(blocks) / (len(blocks) - 1)
-        standard_error = math.sqrt(variance / len(blocks))
-    else:
-        standard_error = math.nan
+    # The standard error uses the full blocks only: a short last block would count as a whole
+    # degree of freedom with the noise of a few steps.
+    full = np.array([blk.difference for blk in blocks if blk.count == block])
+    standard_error = float(full.std(ddof=1) / math.sqrt(full.size)) if full.size >= 2 else math.nan
     return PairedComparison(stage=stage, metric=metric, blocks=tuple(blocks), mean_a=float(values_a.mean()),
                             mean_b=float(values_b.mean()), standard_error=standard_error, first_step=first,
                             same_start=same_start, validation=validation or {})
 
 
-def _paired_validation(run_a: Path, run_b: Path, stage: str) -> dict[str, list[tuple[int, float, float]]]:
+def _copied_rows(a: LossCurve, b: LossCurve, ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
+    """Leading paired rows that one log copied from the other (a fork made by copying the whole run folder).
+
+    A row is a copy when its time stamp, its step time and all its losses are the same in both logs:
+    the two runs' own rows are written at other times with other step times, even where the losses
+    agree (the fork's first step, scored with the same weights on the same sample).
+    """
+    copied = np.zeros(ia.size, dtype=bool)
+    if a.times is None or b.times is None or a.step_seconds is None or b.step_seconds is None:
+        return copied
+    same = (a.times[ia] == b.times[ib]) & (a.step_seconds[ia] == b.step_seconds[ib])
+    for name in METRICS:
+        x, y = getattr(a, name)[ia], getattr(b, name)[ib]
+        same &= (x == y) | (np.isnan(x) & np.isnan(y))
+    leading = int(np.argmax(~same)) if (~same).any() else same.size
+    copied[:leading] = True
+    return copied
+
+
+def _paired_validation(run_a: Path, run_b: Path, stage: str, since: int) -> dict[str, list[tuple[int, float, float]]]:
+    """Validation numbers both runs logged at the same step (from step ``since`` on; the last value of a
+    step logged twice, e.g. again after a resume)."""
     log_a = read_validation_log(run_a / "validation.csv").metrics.get(stage, {})
     log_b = read_validation_log(run_b / "validation.csv").metrics.get(stage, {})
     paired: dict[str, list[tuple[int, float, float]]] = {}
     for name in sorted(set(log_a) & set(log_b)):
-        (steps_a, values_a), (steps_b, values_b) = log_a[name], log_b[name]
-        by_step_b = dict(zip(steps_b.tolist(), values_b.tolist(), strict=True))
-        rows = [(int(s), float(v), float(by_step_b[s])) for s, v in zip(steps_a.tolist(), values_a.tolist(), strict=True)
-                if s in by_step_b]
+        by_step_a = dict(zip(log_a[name][0].tolist(), log_a[name][1].tolist(), strict=True))
+        by_step_b = dict(zip(log_b[name][0].tolist(), log_b[name][1].tolist(), strict=True))
+        rows = [(int(s), float(by_step_a[s]), float(by_step_b[s])) for s in sorted(by_step_a)
+                if s in by_step_b and s >= since]
         if rows:
             paired[name] = rows
     return paired
@@ -151,8 +169,9 @@ def compare_runs(run_a: Path, run_b: Path, *, stage: str = "regression", metric:
         if stage not in stages:
             raise CompareError(f"{log}: no {stage} steps (stages logged: {', '.join(stages) or 'none'})")
         curves.append(stages[stage])
-    return compare_curves(curves[0], curves[1], metric=metric, block=block, stage=stage,
-                          validation=_paired_validation(Path(run_a), Path(run_b), stage))
+    result = compare_curves(curves[0], curves[1], metric=metric, block=block, stage=stage)
+    return dataclasses.replace(result, validation=_paired_validation(Path(run_a), Path(run_b), stage,
+                                                                     since=result.first_step))
 
 
 def format_comparison(result: PairedComparison, *, name_a: str = "A", name_b: str = "B") -> str:

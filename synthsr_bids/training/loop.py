@@ -12,7 +12,8 @@ The run directory holds:
 * ``segmenter.safetensors``: the frozen segmenter (after stage 1);
 * ``model.safetensors``: the regression weights as float16 (refreshed at every validation and at
   the end; the file to ship): the weight average when ``[regression].ema_decay`` > 0;
-* ``ema.safetensors``: that weight average (fp32, :mod:`.ema`), written with every checkpoint;
+* ``ema-<global step>.safetensors``: that weight average (fp32, :mod:`.ema`), newest only, written
+  just before its checkpoint;
 * ``loss.csv``, ``validation.csv`` (per structure Dice, L1) and ``config.json``;
 * ``segmenter_history.csv``: when the frozen segmenter was swapped (:func:`replace_segmenter`).
 """
@@ -41,7 +42,7 @@ from ..models.network import SynthSRUNet, UNetConfig
 from ..io import copy_file_atomic, write_atomic
 from ..models.weights import LoadedNetwork, load_weights, save_safetensors, sha256_file
 from .config import NetworkStage, TrainingConfig
-from .ema import EMA_FILE, WeightAverage
+from .ema import AverageUnavailable, WeightAverage, ema_path
 from .generator import SynthBatch, SynthGenerator
 from .labels import (
     ContrastPriors,
@@ -73,6 +74,7 @@ LOGGER = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = "synthsr-bids-training-checkpoint"
 CHECKPOINT_VERSION = 1
 _CKPT_RE = re.compile(r"^ckpt-(\d+)\.pt$")
+_EMA_RE = re.compile(r"^ema-(\d+)\.safetensors$")
 SEGMENTER_FILE = "segmenter.safetensors"
 LOCK_FILE = ".train.lock"
 MODEL_FILE = "model.safetensors"
@@ -298,6 +300,7 @@ class Trainer:
         self.reg_opt: torch.optim.Optimizer | None = None
         #: exponential moving average of the regressor's weights ([regression].ema_decay > 0), see .ema
         self.reg_ema: WeightAverage | None = None
+        self._averaged_net: SynthSRUNet | None = None  # reused by averaged_regressor()
         torch.manual_seed(config.run.seed)
         if self.stage == "segmentation":
             self._new_segmenter()
@@ -336,10 +339,12 @@ class Trainer:
         self.reg_ema = WeightAverage(self.regressor, decay) if decay > 0 else None
 
     def averaged_regressor(self) -> SynthSRUNet | None:
-        """A network holding the weight average (eval mode), or None when the run keeps none."""
+        """A network holding the current weight average (eval mode), or None when the run keeps none."""
         if self.reg_ema is None:
             return None
-        return self.reg_ema.copy_to(self._prepare(SynthSRUNet(self.reg_config))).eval()
+        if self._averaged_net is None or self._averaged_net.config != self.reg_config:
+            self._averaged_net = self._prepare(SynthSRUNet(self.reg_config))
+        return self.reg_ema.copy_to(self._averaged_net).eval()
 
     def _load_frozen_segmenter(self) -> None:
         path = self.run_dir / SEGMENTER_FILE
@@ -470,7 +475,11 @@ class Trainer:
 
     @torch.no_grad()
     def validate(self) -> dict[str, float]:
-        """Validation pass on the held-out maps; appends to validation.csv, returns summary numbers."""
+        """Validation pass on the held-out maps; appends to validation.csv, returns summary numbers.
+
+        Regression stage: ``l1``/``l1_lesion`` and the frozen segmenter's Dice describe the raw
+        weights; ``l1_ema``/``l1_lesion_ema`` the weight average (when the run keeps one).
+        """
         batches = self.validation_batches()
         if not batches or self.stage == "done":
             return {}
@@ -587,11 +596,12 @@ class Trainer:
         """Write ``ckpt-<global step>.pt`` atomically and delete older checkpoints."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / f"ckpt-{self.global_step:08d}.pt"
-        if self.reg_ema is not None:  # first: a checkpoint never points at an average older than itself
-            self.reg_ema.save(self.run_dir / EMA_FILE, global_step=self.global_step)
+        average = ema_path(self.run_dir, self.global_step)
+        if self.reg_ema is not None:  # first: the checkpoint's average exists as soon as the checkpoint does
+            self.reg_ema.save(average, global_step=self.global_step)
         _atomic_torch_save(self.state_dict(), path)
         for old in self.run_dir.iterdir():
-            if _CKPT_RE.match(old.name) and old != path:
+            if (_CKPT_RE.match(old.name) and old != path) or (_EMA_RE.match(old.name) and old != average):
                 old.unlink(missing_ok=True)
         LOGGER.info("checkpoint %s (%.1f MB)", path, path.stat().st_size / 1e6)
         return path
@@ -622,7 +632,7 @@ class Trainer:
             self.seg_opt.load_state_dict(state["seg_opt"])
             if "seg_origin" in state:  # the file named by init_weights may have changed since
                 self.seg_origin = json.loads(state["seg_origin"])
-            self.regressor, self.reg_opt = None, None
+            self.regressor, self.reg_opt, self.reg_ema = None, None, None
         else:
             if self.config.segmentation.steps > 0:
                 seg_file = self.run_dir / SEGMENTER_FILE
@@ -648,9 +658,10 @@ class Trainer:
                     weights, moments = _resize_head(weights, moments, self.regressor)
                 self.regressor.load_state_dict(weights)
                 self.reg_opt.load_state_dict(moments)
-                if self.reg_ema is not None:
-                    self.reg_ema = WeightAverage.resume(self.run_dir / EMA_FILE, self.regressor,
-                                                        self.config.regression.ema_decay, global_step=self.global_step)
+                if self.reg_ema is not None:  # a resized head keeps the average of its remaining rows
+                    self.reg_ema = WeightAverage.resume(ema_path(self.run_dir, self.global_step), self.regressor,
+                                                        self.config.regression.ema_decay, global_step=self.global_step,
+                                                        resizable=("head.",))
         # Last: building the networks above drew their (discarded) initial weights from it.
         torch.set_rng_state(state["torch_rng"])
         LOGGER.info("resumed from %s: stage %s, step %d (global %d)", path, self.stage, self.step, self.global_step)
@@ -664,7 +675,7 @@ class Trainer:
         gen = self.config.generator
         averaged = self.averaged_regressor()
         return export_regression(self.regressor if averaged is None else averaged, path, metadata={
-            "synthsr_bids.weights": "raw" if averaged is None else f"ema {self.config.regression.ema_decay:g}",
+            "synthsr_bids.weights": "raw" if self.reg_ema is None else self.reg_ema.describe(),
             "synthsr_bids.role": "regression",
             "synthsr_bids.trained_steps": str(self.step if self.stage == "regression" else self.config.regression.steps),
             "synthsr_bids.crop_shape": json.dumps(list(gen.crop_shape)),
@@ -785,6 +796,7 @@ def _upgrade_loss_log(path: Path) -> None:
             return
         fh.seek(0)
         rows = list(csv.DictReader(fh))
+
     def write(tmp: Path) -> None:
         with tmp.open("w", newline="") as out:
             writer = csv.DictWriter(out, fieldnames=LOSS_COLUMNS, restval="", extrasaction="ignore")
@@ -918,15 +930,16 @@ class CheckpointRegressor:
 
     model: SynthSRUNet
     steps: int  #: regression steps trained
-    weights: str  #: ``"raw"``, or ``"ema <decay>"`` for the weight average
+    weights: str  #: ``"raw"``, or ``"ema <decay> over <n> steps"`` for the weight average
 
 
 def regressor_from_checkpoint(checkpoint: Path, *, average: bool = True) -> CheckpointRegressor:
     """The regression U-Net of a training checkpoint and its number of regression steps.
 
-    ``average``: when the run keeps a weight average (``[regression].ema_decay`` > 0) and its
-    ``ema.safetensors`` belongs to this checkpoint's step, return the averaged weights (what the
-    run validates and exports) instead of the raw ones.
+    ``average``: when the run keeps a weight average (``[regression].ema_decay`` > 0), return it
+    (``ema-<global step>.safetensors`` beside the checkpoint: what the run validates and exports)
+    instead of the raw weights; an average that is missing or does not belong to the checkpoint is
+    an error then (pass ``average=False`` for the raw weights).
     """
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)
@@ -941,12 +954,15 @@ def regressor_from_checkpoint(checkpoint: Path, *, average: bool = True) -> Chec
     model.load_state_dict(state["regressor"])
     decay = float(json.loads(state["config"]).get("regression", {}).get("ema_decay", 0.0) or 0.0)
     weights = "raw"
-    ema_file = Path(checkpoint).parent / EMA_FILE
-    if average and decay > 0 and ema_file.is_file():
-        averaged = WeightAverage.resume(ema_file, model, decay, global_step=int(state["global_step"]))
-        if averaged.restored:
-            averaged.copy_to(model)
-            weights = f"ema {decay:g}"
+    if average and decay > 0:
+        try:
+            averaged = WeightAverage.load(ema_path(Path(checkpoint).parent, int(state["global_step"])), model, decay,
+                                          global_step=int(state["global_step"]))
+        except AverageUnavailable as exc:
+            raise TrainingError(f"{checkpoint}: the run keeps a weight average, but {exc}; export the raw weights "
+                                "with --raw, or resume training for a checkpoint with its average") from exc
+        averaged.copy_to(model)
+        weights = averaged.describe()
     return CheckpointRegressor(model=image_head_only(model), steps=int(state["step"]), weights=weights)
 
 

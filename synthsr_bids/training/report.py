@@ -56,6 +56,10 @@ class LossCurve:
     l1: np.ndarray  #: NaN in the segmentation stage
     dice_loss: np.ndarray
     seconds: float  #: generator + network time of these steps
+    #: the ``time`` column (UNIX seconds the row was written) and each row's generator + network
+    #: seconds: together they tell a row copied from another run's log (None when not read from a log)
+    times: np.ndarray | None = None
+    step_seconds: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ def read_loss_log(path: Path) -> dict[str, LossCurve]:
         for row in csv.DictReader(fh):
             rows.setdefault(row["stage"], []).append([
                 float(row["step"]), float(row["loss"]), float(row["l1"] or "nan"), float(row["dice_loss"]),
-                float(row["generator_s"]) + float(row["network_s"])])
+                float(row["generator_s"]) + float(row["network_s"]), float(row["time"])])
     curves = {}
     for stage, values in rows.items():
         a = np.asarray(values, dtype=np.float64)
@@ -85,7 +89,7 @@ def read_loss_log(path: Path) -> dict[str, LossCurve]:
         keep = np.sort(len(a) - 1 - last)
         a = a[keep]
         curves[stage] = LossCurve(steps=a[:, 0].astype(np.int64), loss=a[:, 1], l1=a[:, 2], dice_loss=a[:, 3],
-                                  seconds=float(a[:, 4].sum()))
+                                  seconds=float(a[:, 4].sum()), times=a[:, 5], step_seconds=a[:, 4])
     return curves
 
 
