@@ -149,7 +149,9 @@ class WeightAverage:
                resizable: Sequence[str] = ()) -> WeightAverage:
         """:meth:`load`, or (logged with the reason) a fresh average starting from ``model``'s weights."""
         try:
-            return cls.load(path, model, decay, global_step=global_step, resizable=resizable)
+            average = cls.load(path, model, decay, global_step=global_step, resizable=resizable)
+            LOGGER.info("weight average resumed from %s (%d updates)", path, average.updates)
+            return average
         except AverageUnavailable as exc:
             if Path(path).exists():
                 LOGGER.warning("%s; the weight average restarts from the current weights", exc)
