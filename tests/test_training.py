@@ -517,7 +517,7 @@ def test_command_line_train_and_export(tmp_path: Path):
         '[data]\ntraining_maps = ["maps"]\nvalidation_maps = ["val"]\nvalidation_split_left_right = true\n'
         '[generator]\ncrop_shape = [16, 16, 16]\n'
         '[segmentation]\nbase_features = 4\nn_levels = 2\nsteps = 2\n'
-        '[regression]\nbase_features = 4\nn_levels = 2\nsteps = 2\n'
+        '[regression]\nbase_features = 4\nn_levels = 2\nsteps = 2\nema_decay = 0.9\n'
     )
     cmd = [sys.executable, "-m", "synthsr_bids.training"]
     done = subprocess.run(cmd + ["train", "--config", str(toml)], capture_output=True, text=True, timeout=300)
@@ -530,6 +530,10 @@ def test_command_line_train_and_export(tmp_path: Path):
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert load_weights(out).config.base_features == 4
+    assert load_weights(out).metadata["synthsr_bids.weights"] == "ema 0.9 over 2 steps"  # the weight average
+    done = subprocess.run(cmd + ["export", "--config", str(toml), "--output", str(out), "--raw"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and load_weights(out).metadata["synthsr_bids.weights"] == "raw"
 
     # report: curves from the logs, the validation sample through the newest checkpoint
     done = subprocess.run(cmd + ["report", "--config", str(toml)], capture_output=True, text=True, timeout=300)
@@ -539,6 +543,7 @@ def test_command_line_train_and_export(tmp_path: Path):
     html = index.read_text()
     assert "Regression stage</th><td>2 of 2 steps" in html and "ckpt-00000004.pt" in html
     assert 'src="curves.png"' in html and 'src="samples.png"' in html
+    assert "weight average: ema 0.9 over 2 steps" in html and "l1_ema" in html
     for name in ("curves.png", "samples.png"):
         assert (index.parent / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -553,6 +558,7 @@ def test_command_line_train_and_export(tmp_path: Path):
     check_shipped(package, version="0.1.0.dev2", reg_steps=2, seg_steps=2)
     reg = load_weights(package / "models" / "synthsr-bids_v0.1.0.dev2.safetensors")
     assert reg.metadata["synthsr_bids.status"] == "preview"
+    assert reg.metadata["synthsr_bids.weights"] == "ema 0.9 over 2 steps"
     bad = subprocess.run(cmd + ["ship", "--config", str(toml), "--version", "../x", "--package-data", str(package)],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 65 and "version" in bad.stderr

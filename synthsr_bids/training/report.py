@@ -262,7 +262,7 @@ def write_training_report(config: TrainingConfig, *, output: Path | None = None)
     replacements = read_segmenter_replacements(run_dir / SEGMENTER_HISTORY)
     save_figure(curves_figure(losses, validation, replacements=replacements), out / "curves.png")
 
-    samples = None
+    samples, weights = None, None
     if config.data.validation_maps:
         # Only the held-out maps are read: they are all the samples need (and all the training maps would
         # take much longer to load).
@@ -275,6 +275,7 @@ def write_training_report(config: TrainingConfig, *, output: Path | None = None)
             batches = trainer.validation_batches()
             save_figure(samples_figure(batches, _predict(trainer, batches)), out / "samples.png")
             samples = "samples.png"
+            weights = "raw weights" if trainer.reg_ema is None else f"weight average: {trainer.reg_ema.describe()}"
     stage_steps = {"segmentation": config.segmentation.steps, "regression": config.regression.steps}
     stages = [{"name": name, "done": int(curve.steps.max()) if len(curve.steps) else 0,
                "planned": stage_steps.get(name, 0), "hours": curve.seconds / 3600.0}
@@ -288,7 +289,7 @@ def write_training_report(config: TrainingConfig, *, output: Path | None = None)
     html = render("training.html", run_dir=str(run_dir), checkpoint=checkpoint.name, stages=stages,
                   total_hours=sum(s["hours"] for s in stages), latest=validation.latest,
                   latest_metrics=latest_metrics, dice=[(name, f"{value:.3f}") for name, value in validation.latest_dice],
-                  samples=samples, replacements=replacements, command="python -m synthsr_bids.training report", run_id=checkpoint.stem)
+                  samples=samples, weights=weights, replacements=replacements, command="python -m synthsr_bids.training report", run_id=checkpoint.stem)
     path = out / "index.html"
     write_text_atomic(path, html)
     return path
