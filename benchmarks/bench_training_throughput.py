@@ -1,0 +1,121 @@
+"""Regression training throughput: how best to spend the CPU cores on samples per hour.
+
+Measures, in one run and on the same machine, regression training samples per second for
+
+* ``baseline``: one process, all ``--threads`` threads, batch 1 (how the default run trains);
+* ``batch N``: one process, all threads, batch N (one optimiser step per N samples);
+* ``P procs``: P independent processes at ``threads / P`` threads each, batch 1, started together
+  (what a data-parallel run, or two paired A/B arms, would get out of the same cores);
+
+and prints each as a ratio to the baseline. The network, crop, frozen-segmenter loss and autocast
+are those of ``--config`` (default: ``configs/default.toml``); the segmenter is untrained (its cost is
+the same) and nothing is written to the run directory. Only the first ``--maps`` training maps are
+loaded (the step cost does not depend on their number). Stop other CPU work (the background training)
+first, or the ratios measure it too::
+
+    python benchmarks/bench_training_throughput.py --steps 12 --batch 2 --procs 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _trainer(config_path: Path, *, threads: int, batch: int, maps: int):  # type: ignore[no-untyped-def]
+    import torch
+
+    from synthsr_bids.training.config import load_config
+    from synthsr_bids.training.loop import (
+        Trainer,
+        find_label_maps,
+        label_scheme,
+        load_volumes,
+    )
+
+    config = load_config(config_path, overrides=[f"run.threads={threads}", f"regression.batch_size={batch}",
+                                                 "run.dir=\"/nonexistent-benchmark-run\""])
+    scheme = label_scheme(config)
+    volumes = load_volumes(find_label_maps(config.data.training_maps)[:maps], scheme)
+    trainer = Trainer(config, volumes=volumes, validation_volumes=[], scheme=scheme)
+    torch.set_num_threads(threads)
+    # Stage 2 as training runs it, with the (untrained) segmenter frozen; nothing touches the run directory.
+    trainer._new_segmenter()
+    assert trainer.segmenter is not None
+    trainer.segmenter.eval().requires_grad_(False)
+    trainer.stage, trainer.step = "regression", 0
+    trainer._new_regressor()
+    return trainer
+
+
+def worker(config_path: Path, *, threads: int, batch: int, steps: int, maps: int) -> dict[str, float]:
+    """Time ``steps`` regression steps (after one warm-up step); returns samples/s and median s/step."""
+    trainer = _trainer(config_path, threads=threads, batch=batch, maps=maps)
+    trainer.train_step()  # warm-up: allocator, oneDNN kernels
+    durations = []
+    started = time.perf_counter()
+    for _ in range(steps):
+        t = time.perf_counter()
+        trainer.train_step()
+        durations.append(time.perf_counter() - t)
+    wall = time.perf_counter() - started
+    return {"samples_per_s": steps * batch / wall, "median_step_s": statistics.median(durations)}
+
+
+def _run_workers(args: argparse.Namespace, *, procs: int, threads: int, batch: int) -> dict[str, float]:
+    cmd = [sys.executable, __file__, "--worker", "--config", str(args.config), "--threads", str(threads),
+           "--batch", str(batch), "--steps", str(args.steps), "--maps", str(args.maps)]
+    children = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(procs)]
+    results = []
+    for child in children:
+        out, _ = child.communicate()
+        if child.returncode != 0:
+            raise SystemExit(f"worker failed (exit {child.returncode})")
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    return {"samples_per_s": sum(r["samples_per_s"] for r in results),
+            "median_step_s": statistics.median(r["median_step_s"] for r in results)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=REPO / "configs" / "default.toml")
+    parser.add_argument("--threads", type=int, default=2, help="cores to spend (baseline: one process with all)")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per configuration (after 1 warm-up)")
+    parser.add_argument("--batch", type=int, default=2, help="batch size of the 'batch N' configuration")
+    parser.add_argument("--procs", type=int, default=2, help="processes of the 'P procs' configuration")
+    parser.add_argument("--maps", type=int, default=2, help="training label maps to load")
+    parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        print(json.dumps(worker(args.config, threads=args.threads, batch=args.batch, steps=args.steps, maps=args.maps)))
+        return 0
+    if args.threads % args.procs:
+        parser.error("--threads must be a multiple of --procs")
+    plans = [("baseline", 1, args.threads, 1),
+             (f"batch {args.batch}", 1, args.threads, args.batch),
+             (f"{args.procs} procs x {args.threads // args.procs} thread(s)", args.procs, args.threads // args.procs, 1)]
+    rows = []
+    for name, procs, threads, batch in plans:
+        result = _run_workers(args, procs=procs, threads=threads, batch=batch)
+        rows.append((name, result))
+        print(f"# {name}: {result['samples_per_s']:.3f} samples/s, median step {result['median_step_s']:.2f} s",
+              file=sys.stderr, flush=True)
+    base = rows[0][1]["samples_per_s"]
+    print(f"| configuration ({args.threads} cores, {args.steps} steps each) | samples/s | median s/step "
+          "| samples/s vs baseline |")
+    print("|---|---|---|---|")
+    for name, result in rows:
+        print(f"| {name} | {result['samples_per_s']:.3f} | {result['median_step_s']:.2f} | "
+              f"{result['samples_per_s'] / base:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
