@@ -22,8 +22,8 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
-import signal
 import statistics
 import sys
 import time
@@ -97,22 +97,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _setup_logging(verbose: int, log_file: Path | None) -> None:
-    level = logging.DEBUG if verbose > 0 else logging.INFO
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers,
-                        force=True)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "compare":
         return _compare(args)
     from .config import ConfigError, load_config
-    from .loop import TrainingError, Trainer, export_from_checkpoint, latest_checkpoint, replace_segmenter
+    from .loop import TrainingError, export_from_checkpoint, latest_checkpoint, replace_segmenter
+    from .worker import setup_logging, train_worker
 
     try:
         config = load_config(args.config, overrides=args.overrides)
@@ -122,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = Path(config.run.dir).resolve()
     try:
         if args.command in ("export", "ship"):
-            _setup_logging(args.verbose, None)
+            setup_logging(args.verbose, None)
             ckpt = latest_checkpoint(run_dir)
             if ckpt is None:
                 print(f"error: no checkpoint in {run_dir} (train first)", file=sys.stderr)
@@ -146,28 +137,28 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "report":
             from .report import write_training_report
 
-            _setup_logging(args.verbose, None)
+            setup_logging(args.verbose, None)
             print(write_training_report(config, output=args.output))
             return 0
         if args.command == "replace-segmenter":
-            _setup_logging(args.verbose, run_dir / "train.log")
+            setup_logging(args.verbose, run_dir / "train.log")
             print(replace_segmenter(config, args.segmenter))
             return 0
         if args.command == "benchmark":
-            _setup_logging(args.verbose, None)
+            setup_logging(args.verbose, None)
             return _benchmark(config, args.steps)
-        _setup_logging(args.verbose, run_dir / "train.log")
-        trainer = Trainer(config)
+        from .parallel import WorkerFailed, launch
 
-        def stop(signum: int, _frame: object) -> None:
-            LOGGER.warning("signal %d: stopping after the current step", signum)
-            trainer.stop_requested = True
-
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
-        summary = trainer.run(max_steps=args.max_steps, max_minutes=args.max_minutes)
-        LOGGER.info("session over: stage %s, global step %d (%d steps this session), checkpoint %s, model %s",
-                    summary.stage, summary.global_step, summary.steps_this_session, summary.checkpoint, summary.model)
+        if config.run.processes > 1:
+            setup_logging(args.verbose, None)
+            LOGGER.info("starting %d data-parallel workers (%d thread(s) each)", config.run.processes,
+                        config.run.threads)
+        try:
+            launch(functools.partial(train_worker, config, verbose=args.verbose, max_steps=args.max_steps,
+                                     max_minutes=args.max_minutes), config.run.processes)
+        except WorkerFailed as exc:
+            LOGGER.error("%s", exc)
+            return 65
         return 0
     except TrainingError as exc:
         LOGGER.error("%s", exc)

@@ -41,7 +41,10 @@ class RunSection:
     dir: Path = Path("training_runs/default")  #: run directory (checkpoints, logs, exports)
     seed: int = 0
     device: str = "cpu"  #: "cpu", "cuda", "cuda:1", ...
-    threads: int = 2  #: torch.set_num_threads
+    threads: int = 2  #: torch.set_num_threads (per process)
+    #: data-parallel worker processes (:mod:`.parallel`): each trains on its own samples and the
+    #: gradients are averaged, i.e. batch size x processes per step; CPU only
+    processes: int = 1
     autocast: bool = True  #: bfloat16 autocast (CPU) / float16 (CUDA) for the networks
     log_every: int = 10  #: steps between loss-log rows
     checkpoint_every: int = 100  #: steps between checkpoints
@@ -261,7 +264,10 @@ def load_config(path: Path | None, *, overrides: Sequence[str] = ()) -> Training
 
 def _validate(config: TrainingConfig, where: str) -> None:
     run = config.run
-    for name in ("threads", "log_every", "checkpoint_every", "validate_every"):
+    if run.processes > 1 and not run.device.startswith("cpu"):
+        raise ConfigError(f"{where} [run].processes = {run.processes} is for CPU training; on {run.device!r} use 1 "
+                          "(and a larger batch_size)")
+    for name in ("threads", "processes", "log_every", "checkpoint_every", "validate_every"):
         if getattr(run, name) < 1:
             raise ConfigError(f"{where} [run].{name} must be >= 1, got {getattr(run, name)}")
     for stage_name in ("segmentation", "regression"):

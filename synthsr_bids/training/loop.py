@@ -43,6 +43,8 @@ from ..io import copy_file_atomic, write_atomic
 from ..models.weights import LoadedNetwork, load_weights, save_safetensors, sha256_file
 from .config import NetworkStage, TrainingConfig
 from .ema import AverageUnavailable, WeightAverage, ema_path
+from .parallel import SINGLE, ProcessGroup
+from .rng import RandomSource
 from .generator import SynthBatch, SynthGenerator
 from .labels import (
     ContrastPriors,
@@ -261,8 +263,11 @@ class Trainer:
         validation_volumes: Sequence[LabelVolume] | None = None,
         scheme: LabelScheme | None = None,
         contrasts: ContrastPriors | None = None,
+        group: ProcessGroup = SINGLE,
     ) -> None:
         self.config = config
+        #: this worker among the data-parallel workers (:mod:`.parallel`); rank 0 writes all files
+        self.group = group
         self.run_dir = Path(config.run.dir).resolve()
         self.device = torch.device(config.run.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -275,7 +280,7 @@ class Trainer:
         if validation_volumes is None:
             validation_volumes = load_validation_volumes(config, self.scheme)
         self.generator = SynthGenerator(volumes, self.scheme, self.contrasts, config.generator,
-                                        seed=config.run.seed, device=self.device)
+                                        seed=group.generator_seed(config.run.seed), device=self.device)
         self.validation_volumes = list(validation_volumes or [])
         self._validation: list[SynthBatch] | None = None
         self.stop_requested = False
@@ -313,6 +318,7 @@ class Trainer:
 
     def _new_segmenter(self) -> None:
         self.segmenter = self._prepare(SynthSRUNet(self._seg_logits_config))
+        self.group.broadcast(self.segmenter)
         self.seg_opt = torch.optim.Adam(self.segmenter.parameters(), lr=self.config.segmentation.lr)
 
     def initialise_segmenter(self) -> None:
@@ -334,6 +340,7 @@ class Trainer:
 
     def _new_regressor(self) -> None:
         self.regressor = self._prepare(SynthSRUNet(self.reg_config))
+        self.group.broadcast(self.regressor)
         self.reg_opt = torch.optim.Adam(self.regressor.parameters(), lr=self.config.regression.lr)
         decay = self.config.regression.ema_decay
         self.reg_ema = WeightAverage(self.regressor, decay) if decay > 0 else None
@@ -387,8 +394,10 @@ class Trainer:
                 logits = self.segmenter(self._to_net(x))
             loss = softmax_dice_loss(logits, batch.labels.to(self.device))
             loss.backward()
+            self.group.average_gradients(self.segmenter.parameters())
             _set_learning_rate(self.seg_opt, stage_cfg.learning_rate(self.step))
             self.seg_opt.step()
+            self.group.average_buffers(self.segmenter)
             value = float(loss.detach())
             l1, dice, aux = math.nan, value, math.nan
         else:
@@ -401,13 +410,16 @@ class Trainer:
                                         segmenter=self.segmenter, seg_weight=stage_cfg.seg_loss_weight,
                                         aux_weight=stage_cfg.aux_seg_weight)
             terms.total.backward()
+            self.group.average_gradients(self.regressor.parameters())
             _set_learning_rate(self.reg_opt, stage_cfg.learning_rate(self.step))
             self.reg_opt.step()
+            self.group.average_buffers(self.regressor)
             if self.reg_ema is not None:
                 self.reg_ema.update(self.regressor)
             value, l1, dice = float(terms.total.detach()), terms.l1, terms.dice_loss
             aux = terms.aux_dice_loss if stage_cfg.aux_seg_weight > 0 else math.nan
         t2 = time.perf_counter()
+        value, l1, dice, aux = self.group.mean([value, l1, dice, aux])  # one step = every worker's sample
         self.step += 1
         self.global_step += 1
         if not math.isfinite(value):
@@ -447,8 +459,11 @@ class Trainer:
                                           steps=int(self.seg_origin["steps"]) + self.step)
             if self.seg_origin["sha256"]:
                 metadata["synthsr_bids.fine_tuned_from"] = str(self.seg_origin["sha256"])
-            save_safetensors(softmax_net, path, metadata, dtype=torch.float16)
-            LOGGER.info("segmentation stage finished after %d steps; frozen segmenter written to %s", self.step, path)
+            if self.group.is_main:
+                save_safetensors(softmax_net, path, metadata, dtype=torch.float16)
+                LOGGER.info("segmentation stage finished after %d steps; frozen segmenter written to %s",
+                            self.step, path)
+            self.group.barrier()  # every worker reads the file rank 0 wrote
             self._load_frozen_segmenter()
             self.stage, self.step = "regression", 0
             if self.config.regression.steps == 0:  # a segmentation-only run (e.g. fine-tuning a segmenter)
@@ -480,6 +495,8 @@ class Trainer:
         Regression stage: ``l1``/``l1_lesion`` and the frozen segmenter's Dice describe the raw
         weights; ``l1_ema``/``l1_lesion_ema`` the weight average (when the run keeps one).
         """
+        if not self.group.is_main:
+            return {}
         batches = self.validation_batches()
         if not batches or self.stage == "done":
             return {}
@@ -580,6 +597,9 @@ class Trainer:
             "generator_rng": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
         }
+        if self.group.world > 1:  # every worker's streams, so that a resume continues each exactly
+            state["generator_rng_ranks"] = self.group.gather(self.generator.get_state())
+            state["torch_rng_ranks"] = self.group.gather(torch.get_rng_state())
         if self.stage == "segmentation":
             assert self.segmenter is not None and self.seg_opt is not None
             state["segmenter"] = _contiguous_state(self.segmenter.state_dict())
@@ -596,10 +616,13 @@ class Trainer:
         """Write ``ckpt-<global step>.pt`` atomically and delete older checkpoints."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         path = self.run_dir / f"ckpt-{self.global_step:08d}.pt"
+        state = self.state_dict()  # collective with several workers: every worker calls this method
+        if not self.group.is_main:
+            return path
         average = ema_path(self.run_dir, self.global_step)
         if self.reg_ema is not None:  # first: the checkpoint's average exists as soon as the checkpoint does
             self.reg_ema.save(average, global_step=self.global_step)
-        _atomic_torch_save(self.state_dict(), path)
+        _atomic_torch_save(state, path)
         for old in self.run_dir.iterdir():
             if (_CKPT_RE.match(old.name) and old != path) or (_EMA_RE.match(old.name) and old != average):
                 old.unlink(missing_ok=True)
@@ -624,7 +647,7 @@ class Trainer:
         self.stage, self.step, self.global_step = state["stage"], int(state["step"]), int(state["global_step"])
         if self.stage not in STAGES:
             raise TrainingError(f"{path}: unknown stage {self.stage!r}")
-        self.generator.set_state(state["generator_rng"])
+        self._restore_sample_streams(state, path)
         if self.stage == "segmentation":
             self._new_segmenter()
             assert self.segmenter is not None and self.seg_opt is not None
@@ -644,7 +667,7 @@ class Trainer:
                 self.segmenter = None
             if self.stage == "done" and "regressor" not in state:  # a segmentation-only run
                 self.regressor, self.reg_opt = None, None
-                torch.set_rng_state(state["torch_rng"])
+                torch.set_rng_state(self._torch_rng(state))
                 LOGGER.info("resumed from %s: stage done (segmentation only)", path)
                 return
             self._new_regressor()
@@ -663,12 +686,33 @@ class Trainer:
                                                         self.config.regression.ema_decay, global_step=self.global_step,
                                                         resizable=("head.",))
         # Last: building the networks above drew their (discarded) initial weights from it.
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(self._torch_rng(state))
         LOGGER.info("resumed from %s: stage %s, step %d (global %d)", path, self.stage, self.step, self.global_step)
 
+    def _restore_sample_streams(self, state: dict[str, Any], path: Path) -> None:
+        """This worker's generator state: its own when the checkpoint has one per worker, else rank 0's
+        stream for rank 0 and, for the others, a new stream seeded from the checkpoint's step."""
+        ranks = state.get("generator_rng_ranks")
+        if ranks is not None and len(ranks) == self.group.world:
+            self.generator.set_state(ranks[self.group.rank])
+        elif self.group.is_main:
+            self.generator.set_state(state["generator_rng"])
+            if self.group.world > 1:
+                LOGGER.warning("%s was written by %d worker(s), this run has %d: the other workers start new "
+                               "sample streams", path, len(ranks or [0]), self.group.world)
+        else:
+            self.generator.rng = RandomSource(self.group.generator_seed(self.config.run.seed) + self.global_step,
+                                              device=self.device)
+
+    def _torch_rng(self, state: dict[str, Any]) -> torch.Tensor:
+        ranks = state.get("torch_rng_ranks")
+        if ranks is not None and len(ranks) == self.group.world:
+            return ranks[self.group.rank]
+        return state["torch_rng"]
+
     def export(self, path: Path | None = None) -> Path | None:
-        """Write the regression weights as float16 safetensors (``model.safetensors`` by default)."""
-        if self.regressor is None:
+        """Write the regression weights as float16 safetensors (``model.safetensors`` by default; rank 0 only)."""
+        if self.regressor is None or not self.group.is_main:
             return None
         path = Path(path) if path is not None else self.run_dir / MODEL_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -687,7 +731,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ driver
     def _log_rows(self, rows: list[StepResult]) -> None:
-        if not rows:
+        if not rows or not self.group.is_main:
             return
         path = self.run_dir / "loss.csv"
         new = not path.exists()
@@ -715,14 +759,17 @@ class Trainer:
         a checkpoint of the last completed step behind.
         """
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        with run_lock(self.run_dir, "start another one"):
+        # Rank 0 holds the lock for all workers of this run.
+        lock = run_lock(self.run_dir, "start another one") if self.group.is_main else contextlib.nullcontext()
+        with lock:
             return self._run(max_steps=max_steps, max_minutes=max_minutes, resume=resume, on_step=on_step)
 
     def _run(self, *, max_steps: int | None, max_minutes: float | None, resume: bool,
              on_step: Callable[[StepResult], None] | None) -> RunSummary:
         torch.set_num_threads(self.config.run.threads)
-        (self.run_dir / "config.json").write_text(self.config.dumps() + "\n")
-        _upgrade_loss_log(self.run_dir / "loss.csv")  # once per session, not at every log write
+        if self.group.is_main:
+            (self.run_dir / "config.json").write_text(self.config.dumps() + "\n")
+            _upgrade_loss_log(self.run_dir / "loss.csv")  # once per session, not at every log write
         latest = latest_checkpoint(self.run_dir) if resume else None
         if latest is not None:
             self.load_checkpoint(latest)
@@ -743,7 +790,8 @@ class Trainer:
                 return False
             return max_minutes is None or (time.monotonic() - start) / 60.0 < max_minutes
 
-        while self.stage != "done" and budget_left():
+        # Every worker leaves the loop at the same step: any worker's stop (signal, budget) stops all.
+        while self.stage != "done" and not self.group.any(not budget_left()):
             stage_cfg = self.config.segmentation if self.stage == "segmentation" else self.config.regression
             if self.step >= stage_cfg.steps:
                 self._finish_stage()
@@ -766,8 +814,8 @@ class Trainer:
                 self.validate()
                 if self.stage == "regression":
                     self.export()
-            if (self.step % run_cfg.checkpoint_every == 0
-                    or (time.monotonic() - last_ckpt_time) / 60.0 >= run_cfg.checkpoint_minutes):
+            if self.group.any(self.step % run_cfg.checkpoint_every == 0
+                              or (time.monotonic() - last_ckpt_time) / 60.0 >= run_cfg.checkpoint_minutes):
                 self._log_rows(pending)
                 pending = []
                 checkpoint = self.save_checkpoint()

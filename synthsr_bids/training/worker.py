@@ -1,0 +1,56 @@
+"""The ``train`` command's work, in this process or in each data-parallel worker (:mod:`.parallel`).
+
+A module of its own because spawned workers import the function they run by name, which a
+``python -m`` entry point (``__main__``) cannot offer.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from pathlib import Path
+
+__all__ = ["setup_logging", "train_worker"]
+
+LOGGER = logging.getLogger("synthsr_bids.training")
+
+
+def setup_logging(verbose: int, log_file: Path | None) -> None:
+    level = logging.DEBUG if verbose > 0 else logging.INFO
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers,
+                        force=True)
+
+
+def train_worker(config, group, *, verbose: int = 0, max_steps: int | None = None,  # type: ignore[no-untyped-def]
+                 max_minutes: float | None = None) -> None:
+    """One training worker (the only one unless ``[run].processes`` > 1): rank 0 logs to ``train.log``."""
+    from .loop import Trainer, TrainingError
+
+    run_dir = Path(config.run.dir).resolve()
+    if group.is_main:
+        setup_logging(verbose, run_dir / "train.log")
+    else:
+        setup_logging(verbose, None)
+        logging.getLogger().setLevel(logging.WARNING)
+    trainer = Trainer(config, group=group)
+
+    def stop(signum: int, _frame: object) -> None:
+        LOGGER.warning("signal %d: stopping after the current step", signum)
+        trainer.stop_requested = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    try:
+        summary = trainer.run(max_steps=max_steps, max_minutes=max_minutes)
+    except TrainingError as exc:
+        if group.world > 1:  # in a spawned worker: into this worker's log too, then up to the launcher
+            LOGGER.error("worker %d: %s", group.rank, exc)
+        raise
+    if group.is_main:
+        LOGGER.info("session over: stage %s, global step %d (%d steps this session), checkpoint %s, model %s",
+                    summary.stage, summary.global_step, summary.steps_this_session, summary.checkpoint, summary.model)
