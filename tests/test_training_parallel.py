@@ -16,6 +16,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from synthsr_bids.training.config import ConfigError, load_config
 from synthsr_bids.training.labels import label_volume_from_array, load_label_scheme
@@ -134,6 +135,38 @@ def test_command_line_resume_continues_every_worker_exactly(tmp_path: Path):
     assert _losses(tmp_path / "stopped") == pytest.approx(_losses(tmp_path / "straight"), rel=1e-6)
     log = (tmp_path / "stopped" / "train.log").read_text()
     assert "resumed from" in log and "weight average resumed" in log
+    # the same exported weights (the weight average) as the run that never stopped
+    ours, theirs = (load_file(str(tmp_path / run / "model.safetensors")) for run in ("stopped", "straight"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+def test_command_line_resume_from_a_single_process_checkpoint(tmp_path: Path):
+    cmd = [sys.executable, "-m", "synthsr_bids.training", "train", "--config"]
+    toml = _write_toml(tmp_path, "run", processes=1, steps=4)
+    first = subprocess.run(cmd + [str(toml), "--max-steps", "2"], capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    single = _losses(tmp_path / "run")
+    toml.write_text(toml.read_text().replace("processes = 1", "processes = 2"))
+    second = subprocess.run(cmd + [str(toml)], capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "written by 1 worker(s), this run has 2" in (tmp_path / "run" / "train.log").read_text()
+    losses = _losses(tmp_path / "run")
+    assert len(losses) == 5 and losses[:2] == single
+    state = torch.load(latest_checkpoint(tmp_path / "run"), map_location="cpu", weights_only=True)
+    assert state["stage"] == "done" and len(state["generator_rng_ranks"]) == 2
+
+
+def test_a_failing_worker_stops_the_run_with_a_clear_error(tmp_path: Path):
+    from synthsr_bids.training.loop import run_lock
+
+    toml = _write_toml(tmp_path, "run", steps=4)
+    (tmp_path / "run").mkdir()
+    with run_lock(tmp_path / "run", "test"):  # another job holds the run: rank 0 refuses to start
+        done = subprocess.run([sys.executable, "-m", "synthsr_bids.training", "train", "--config", str(toml)],
+                              capture_output=True, text=True, timeout=300)
+    assert done.returncode == 65
+    assert "a training worker failed" in done.stderr and "in use by another training process" in done.stderr
+    assert "in use by another training process" in (tmp_path / "run" / "train.log").read_text()
 
 
 def test_sigterm_to_the_launcher_stops_all_workers_with_a_checkpoint(tmp_path: Path):

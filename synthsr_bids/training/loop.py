@@ -770,9 +770,14 @@ class Trainer:
         if self.group.is_main:
             (self.run_dir / "config.json").write_text(self.config.dumps() + "\n")
             _upgrade_loss_log(self.run_dir / "loss.csv")  # once per session, not at every log write
-        latest = latest_checkpoint(self.run_dir) if resume else None
+        # Rank 0 (holding the lock) chooses the checkpoint for every worker: a worker listing the directory
+        # itself could see another one while a stopping job replaces it.
+        latest = self.group.broadcast_object(latest_checkpoint(self.run_dir) if resume and self.group.is_main else None)
         if latest is not None:
             self.load_checkpoint(latest)
+            positions = self.group.gather((self.stage, self.global_step))
+            if len(set(positions)) > 1:
+                raise TrainingError(f"the workers resumed at different positions {positions} from {latest}")
         elif self.stage == "segmentation" and self.step == 0:
             self.initialise_segmenter()
         run_cfg = self.config.run

@@ -32,24 +32,32 @@ def train_worker(config, group, *, verbose: int = 0, max_steps: int | None = Non
     from .loop import Trainer, TrainingError
 
     run_dir = Path(config.run.dir).resolve()
-    if group.is_main:
-        setup_logging(verbose, run_dir / "train.log")
-    else:
-        setup_logging(verbose, None)
+    setup_logging(verbose, run_dir / "train.log")
+    if not group.is_main and not verbose:  # the other workers log only their warnings and errors
         logging.getLogger().setLevel(logging.WARNING)
-    trainer = Trainer(config, group=group)
+    trainer: Trainer | None = None
+    stopped = False
 
-    def stop(signum: int, _frame: object) -> None:
+    def stop(signum: int, _frame: object) -> None:  # installed before the (slow) set-up: no signal is lost
+        nonlocal stopped
         LOGGER.warning("signal %d: stopping after the current step", signum)
-        trainer.stop_requested = True
+        stopped = True
+        if trainer is not None:
+            trainer.stop_requested = True
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     try:
+        trainer = Trainer(config, group=group)
+        trainer.stop_requested = stopped
         summary = trainer.run(max_steps=max_steps, max_minutes=max_minutes)
     except TrainingError as exc:
-        if group.world > 1:  # in a spawned worker: into this worker's log too, then up to the launcher
+        if group.world > 1:  # in a spawned worker: into train.log, then up to the launcher
             LOGGER.error("worker %d: %s", group.rank, exc)
+        raise
+    except Exception:
+        if group.world > 1:
+            LOGGER.exception("worker %d failed", group.rank)
         raise
     if group.is_main:
         LOGGER.info("session over: stage %s, global step %d (%d steps this session), checkpoint %s, model %s",
