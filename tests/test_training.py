@@ -559,6 +559,11 @@ def test_command_line_train_and_export(tmp_path: Path):
     reg = load_weights(package / "models" / "synthsr-bids_v0.1.0.dev2.safetensors")
     assert reg.metadata["synthsr_bids.status"] == "preview"
     assert reg.metadata["synthsr_bids.weights"] == "ema 0.9 over 2 steps"
+    done = subprocess.run(cmd + ["ship", "--config", str(toml), "--version", "0.1.0.dev3", "--raw",
+                                 "--package-data", str(package)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    raw = load_weights(package / "models" / "synthsr-bids_v0.1.0.dev3.safetensors")
+    assert raw.metadata["synthsr_bids.weights"] == "raw" and "synthsr_bids.status" not in raw.metadata
     bad = subprocess.run(cmd + ["ship", "--config", str(toml), "--version", "../x", "--package-data", str(package)],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 65 and "version" in bad.stderr

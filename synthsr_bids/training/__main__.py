@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
                           formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     common(ship)
     ship.add_argument("--version", required=True, help="model version, e.g. 0.1.0.dev5000 (part of the file names)")
+    ship.add_argument("--raw", action="store_true",
+                      help="ship the raw weights even when the run keeps a weight average ([regression].ema_decay)")
     ship.add_argument("--preview", action="store_true",
                       help="mark the synthesis model as a preview (an early checkpoint): outputs say so")
     ship.add_argument("--package-data", type=Path, default=Path(__file__).resolve().parents[1] / "data",
@@ -127,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 shipped = ship_run(run_dir, ckpt, version=args.version, package_data=args.package_data,
-                                   preview=args.preview)
+                                   preview=args.preview, average=not args.raw)
             except ShipError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 65
