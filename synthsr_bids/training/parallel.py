@@ -63,36 +63,27 @@ class ProcessGroup:
 
     def average_gradients(self, parameters: Iterable[nn.Parameter]) -> None:
         """Replace every gradient by its mean over the workers (parameters without one are skipped)."""
-        if self.world == 1:
-            return
-        grads = [p.grad for p in parameters if p.grad is not None]
-        if not grads:
-            return
-        flat = torch.cat([g.reshape(-1).float() for g in grads])
-        dist.all_reduce(flat)
-        flat /= self.world
-        offset = 0
-        for g in grads:
-            n = g.numel()
-            g.copy_(flat[offset:offset + n].view(g.shape))
-            offset += n
+        if self.world > 1:
+            self._average_in_place([p.grad for p in parameters if p.grad is not None])
 
     def average_buffers(self, module: nn.Module) -> None:
         """Replace every floating-point buffer (BatchNorm running statistics) by its mean over the workers,
-        so that all workers hold the same network (statistics of all their samples) after each step."""
-        if self.world == 1:
+        so that all workers hold the same network after each step."""
+        if self.world > 1:
+            self._average_in_place([b for b in module.buffers() if b.is_floating_point()])
+
+    def _average_in_place(self, tensors: list[torch.Tensor]) -> None:
+        """One ``all_reduce`` of the tensors flattened into one buffer, divided by the number of workers."""
+        if not tensors:
             return
-        buffers = [b for b in module.buffers() if b.is_floating_point()]
-        if not buffers:
-            return
-        flat = torch.cat([b.reshape(-1).float() for b in buffers])
+        flat = torch.cat([t.reshape(-1).float() for t in tensors])
         dist.all_reduce(flat)
         flat /= self.world
         offset = 0
         with torch.no_grad():
-            for b in buffers:
-                n = b.numel()
-                b.copy_(flat[offset:offset + n].view(b.shape))
+            for t in tensors:
+                n = t.numel()
+                t.copy_(flat[offset:offset + n].view(t.shape))
                 offset += n
 
     def mean(self, values: Sequence[float]) -> list[float]:
