@@ -46,12 +46,7 @@ def _trainer(config_path: Path, *, threads: int, batch: int, maps: int):  # type
     volumes = load_volumes(find_label_maps(config.data.training_maps)[:maps], scheme)
     trainer = Trainer(config, volumes=volumes, validation_volumes=[], scheme=scheme)
     torch.set_num_threads(threads)
-    # Stage 2 as training runs it, with the (untrained) segmenter frozen; nothing touches the run directory.
-    trainer._new_segmenter()
-    assert trainer.segmenter is not None
-    trainer.segmenter.eval().requires_grad_(False)
-    trainer.stage, trainer.step = "regression", 0
-    trainer._new_regressor()
+    trainer.start_regression_for_timing()
     return trainer
 
 

@@ -194,11 +194,7 @@ def _benchmark(config, steps: int) -> int:  # type: ignore[no-untyped-def]
     results = {}
     for stage in ("segmentation", "regression"):
         if stage == "regression":
-            # Freeze the (untrained) segmenter as stage 2 would, without touching the run directory.
-            assert trainer.segmenter is not None
-            trainer.segmenter.eval().requires_grad_(False)
-            trainer.stage, trainer.step = "regression", 0
-            trainer._new_regressor()
+            trainer.start_regression_for_timing()
         gen, net = [], []
         for i in range(steps + 1):
             t = time.perf_counter()

@@ -345,6 +345,16 @@ class Trainer:
         decay = self.config.regression.ema_decay
         self.reg_ema = WeightAverage(self.regressor, decay) if decay > 0 else None
 
+    def start_regression_for_timing(self) -> None:
+        """Enter the regression stage with the current (possibly untrained) segmenter frozen, as training
+        does, without writing anything to the run directory: for benchmarks of the regression step."""
+        if self.segmenter is None:
+            self._new_segmenter()
+        assert self.segmenter is not None
+        self.segmenter.eval().requires_grad_(False)
+        self.stage, self.step = "regression", 0
+        self._new_regressor()
+
     def averaged_regressor(self) -> SynthSRUNet | None:
         """A network holding the current weight average (eval mode), or None when the run keeps none."""
         if self.reg_ema is None:
