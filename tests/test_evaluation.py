@@ -21,6 +21,7 @@ from synthsr_bids.evaluation.baselines import (
     upsample,
 )
 from synthsr_bids.evaluation.cases import find_patient_files, patient_cases
+from synthsr_bids.evaluation.ceiling import CEILING, flat_reference, kmeans_1d
 from synthsr_bids.evaluation.metrics import (
     SSIM_SIGMA,
     SSIM_TRUNCATE,
@@ -271,6 +272,38 @@ def test_baselines_on_the_reference_grid_are_the_input():
     assert pearson(out["trilinear+map"], ref.data) > 0.999
 
 
+# ---------------------------------------------------------------------------- ceiling
+def test_kmeans_1d_finds_three_separated_clusters_whatever_their_sizes():
+    rng = np.random.default_rng(1)
+    values = np.concatenate([rng.normal(30, 2, 500), rng.normal(70, 3, 5000), rng.normal(110, 2, 50)])
+    centres, classes = kmeans_1d(rng.permutation(values), 3)
+    np.testing.assert_allclose(centres, [30, 70, 110], atol=1.0)
+    assert np.bincount(classes).tolist() == sorted(np.bincount(classes).tolist(), key=[500, 5000, 50].index)
+    # Deterministic, and a single value or a single class is handled.
+    np.testing.assert_array_equal(kmeans_1d(values, 3)[0], kmeans_1d(values, 3)[0])
+    centres, classes = kmeans_1d(np.full(10, 5.0), 3)
+    assert np.all(centres == 5.0) and classes.shape == (10,)
+    assert kmeans_1d(values, 1)[0] == pytest.approx([values.mean()])
+    with pytest.raises(ValueError):
+        kmeans_1d(np.array([]), 2)
+
+
+def test_flat_reference_is_the_blurred_class_means_of_a_piecewise_constant_image():
+    labels = head_phantom((30, 32, 30))
+    brain = np.isin(labels, [2, 41, 3, 42, 4, 43, 10, 49, 14, 16])
+    tissue = np.where(np.isin(labels, [2, 41]), 110.0, np.where(np.isin(labels, [4, 43, 14]), 30.0, 70.0)) * brain
+    noisy = tissue + brain * np.random.default_rng(2).normal(0, 3, tissue.shape)
+    flat = flat_reference(noisy, brain, blur_voxels=0.0)
+    np.testing.assert_allclose(flat, tissue, atol=1.0)  # class means of the noisy image ~ the true constants
+    assert np.all(flat[~brain] == 0)
+    blurred = flat_reference(noisy, brain)  # default: the training generator's 0.5-voxel target blur
+    np.testing.assert_allclose(blurred, ndimage.gaussian_filter(flat, 0.5))
+    # Against the noisy "real" image it scores below 1 but far above an unrelated image.
+    assert 0.9 < pearson(blurred, noisy, brain) < pearson(flat, noisy, brain) < 1.0
+    with pytest.raises(ValueError):
+        flat_reference(noisy, brain[:-1])
+
+
 # ---------------------------------------------------------------------------- cases + CLI
 def write_phantom_patient(folder: Path, shape=(40, 44, 40)) -> Path:
     """T1/FLAIR/T2/T1POST/lesion NIfTIs with open_ms_data's file names (LAS, 1 mm, skull stripped)."""
@@ -350,14 +383,17 @@ def test_cli_end_to_end_writes_table_and_json(tmp_path: Path, capsys):
     doc = json.loads(out.read_text())
     assert doc["schema"] == "synthsr-bids-evaluation/1"
     assert doc["model"]["path"] == str(model.resolve()) and len(doc["model"]["sha256"]) == 64
-    assert doc["methods"] == ["model", *BASELINES] and "lesion" in doc["definitions"]
+    assert doc["methods"] == ["model", *BASELINES, CEILING] and "lesion" in doc["definitions"]
+    assert CEILING in doc["definitions"] and "flat reference (ceiling)" in table
     assert doc["skipped"] == []
     assert [c["name"] for c in doc["cases"]][:2] == ["syn1 brain1_labels", "syn2 brain2_labels"]
     patient_docs = [c for c in doc["cases"] if c["group"] == patient.name]
     assert len(patient_docs) == 8
     for case in doc["cases"]:
         assert case["seconds"] > 0
-        for method in doc["methods"]:
+        # The ceiling is scored against real references only (a synthetic one is already flat).
+        assert (CEILING in case["methods"]) == (case["group"] != "synthetic")
+        for method in case["methods"]:
             brain = case["methods"][method]["brain"]
             assert all(isinstance(brain[k], float) and math.isfinite(brain[k]) for k in ("r", "ssim", "mae"))
     for case in patient_docs:
@@ -374,6 +410,10 @@ def test_cli_end_to_end_writes_table_and_json(tmp_path: Path, capsys):
     for name in ("FLAIR 1mm", "T2 1mm", "T1 1mm"):
         assert by_name[name]["model"]["brain"]["r"] == pytest.approx(by_name[name]["trilinear"]["brain"]["r"], abs=1e-6)
         assert by_name[name]["model"]["lesion"]["removed"] == pytest.approx(0.0, abs=1e-6)
+    # The phantom T1 is three noisy constants, blurred: its flat rendering is close to it, the
+    # same for every row (it depends on the reference only).
+    ceiling = {name: methods[CEILING]["brain"]["r"] for name, methods in by_name.items()}
+    assert len(set(ceiling.values())) == 1 and 0.9 < ceiling["T1 1mm"] < 1.0
     t1 = by_name["T1 5mm ax"]
     assert t1["model"]["brain"]["r"] > 0.9
     assert t1["model"]["brain"]["r"] == pytest.approx(t1["trilinear"]["brain"]["r"], abs=0.02)

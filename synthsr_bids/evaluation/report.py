@@ -39,11 +39,14 @@ DEFINITIONS = {
     "nawm": "synthetic: white-matter labels minus lesions dilated by 2 voxels; patient: brain voxels above the 80th "
             "percentile of the real T1 minus lesions dilated by 2 voxels",
     "reference_lesion": "lesion metrics of the reference itself against the same input (what a perfect model scores)",
+    "flat reference": "ceiling (real references only): the reference split into 3 intensity classes by k-means "
+                      "inside the brain, each voxel set to its class mean, blurred like the training target; what "
+                      "a perfect model of the generator's synthetic T1 rendering would score (ORACLE)",
     "map": "baseline + monotone intensity mapping fitted on the reference inside the brain (ORACLE: uses the answer)",
     "seconds": "model: synthesize (resample, network, flip, sharpen) + resampling onto the reference grid",
 }
 _LABELS = {"model": "model", "trilinear": "trilinear", "cubic": "cubic", "trilinear+map": "trilinear+map (oracle)",
-           "cubic+map": "cubic+map (oracle)"}
+           "cubic+map": "cubic+map (oracle)", "flat reference": "flat reference (ceiling)"}
 
 
 def _finite(value: Any) -> float | None:
@@ -132,7 +135,9 @@ def markdown_table(result: EvaluationResult, *, verbose: bool = False) -> str:
         "reference's 1-99th percentile range), inside the brain, after a least-squares linear fit of each "
         "prediction to the reference. \"(oracle)\": monotone intensity mapping fitted on the reference itself. "
         "Lesion removed: 1 - (prediction's lesion contrast / input's), relative to NAWM; 0 = kept, 1 = looks "
-        "like healthy WM; \"ref\" = the same number for the reference T1. Time: model synthesis per case."
+        "like healthy WM; \"ref\" = the same number for the reference T1. \"flat reference (ceiling)\": the real "
+        "T1 reduced to 3 tissue classes (k-means, class means) and blurred like the training targets, i.e. the "
+        "best a perfect model of the synthetic targets can score. Time: model synthesis per case."
     )
     if result.skipped:
         legend += "\nSkipped: " + "; ".join(result.skipped)

@@ -4,6 +4,7 @@ The model goes through :func:`~synthsr_bids.inference.predict.synthesize` exactl
 participant pipeline (resample to 1 mm, RAS, normalise, network, flip averaging, sharpening,
 back to the input's axes); its 1 mm output is then resampled (trilinear) onto the reference
 grid. Metrics are computed on the brain's bounding box (plus the SSIM window) to save time.
+Patient cases are also scored against the flat-reference ceiling (:mod:`.ceiling`).
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .metrics import (
     lesion_contrast,
     robust_range,
 )
+from .ceiling import CEILING, flat_reference
 from .volume import resample_onto
 
 __all__ = [
@@ -60,8 +62,8 @@ __all__ = [
 
 LOGGER = logging.getLogger(__name__)
 
-#: Methods in table order: the model, then the baselines.
-METHODS = ("model", *BASELINES)
+#: Methods in table order: the model, the baselines, then the flat-reference ceiling (real references only).
+METHODS = ("model", *BASELINES, CEILING)
 EXPORT_HINT = (
     "Pass --model PATH (a .safetensors/.h5 file) or a registered name; to evaluate the model being trained, "
     "export its newest checkpoint with `python -m synthsr_bids.training export --config configs/default.toml "
@@ -253,6 +255,8 @@ def evaluate_case(case: EvalCase, model: Any, options: Any) -> CaseResult:
         LOGGER.info("%s: %s", case.name, note)
     baselines = baseline_predictions(case.input, reference, case.brain_mask)
     predictions = {"model": prediction, **baselines}
+    if case.group != "synthetic":  # a synthetic reference already is a flat rendering (see .ceiling)
+        predictions[CEILING] = flat_reference(reference.data, case.brain_mask)
     methods = score_predictions(case, predictions, baselines["trilinear"])
     return CaseResult(name=case.name, group=case.group, seconds=seconds, methods=methods,
                       reference_lesion=reference_lesion_contrast(case, baselines["trilinear"]), details=dict(case.details))
