@@ -2,7 +2,9 @@
 
 Measures, in one run and on the same machine, regression training samples per second for
 
-* ``baseline``: one process, all ``--threads`` threads, batch 1 (how the default run trains);
+* ``baseline``: one process, all ``--threads`` threads, batch 1, glibc's default allocator;
+* ``+ keep freed memory``: the same with :func:`synthsr_bids.allocator.keep_freed_memory`
+  (``[run].keep_freed_memory``, on in training), which the next two configurations use too;
 * ``batch N``: one process, all threads, batch N (one optimiser step per N samples);
 * ``P procs``: P independent processes at ``threads / P`` threads each, batch 1, started together
   (what a data-parallel run, or two paired A/B arms, would get out of the same cores);
@@ -50,23 +52,34 @@ def _trainer(config_path: Path, *, threads: int, batch: int, maps: int):  # type
     return trainer
 
 
-def worker(config_path: Path, *, threads: int, batch: int, steps: int, maps: int) -> dict[str, float]:
+def worker(config_path: Path, *, threads: int, batch: int, steps: int, maps: int, keep_memory: bool) -> dict[str, float]:
     """Time ``steps`` regression steps (after one warm-up step); returns samples/s and median s/step."""
+    import resource
+
+    from synthsr_bids.allocator import keep_freed_memory
+
+    if keep_memory and not keep_freed_memory():
+        raise SystemExit("keep_freed_memory() is not available here (not glibc)")
     trainer = _trainer(config_path, threads=threads, batch=batch, maps=maps)
     trainer.train_step()  # warm-up: allocator, oneDNN kernels
     durations = []
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     started = time.perf_counter()
     for _ in range(steps):
         t = time.perf_counter()
         trainer.train_step()
         durations.append(time.perf_counter() - t)
     wall = time.perf_counter() - started
-    return {"samples_per_s": steps * batch / wall, "median_step_s": statistics.median(durations)}
+    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
+    return {"samples_per_s": steps * batch / wall, "median_step_s": statistics.median(durations),
+            "page_faults_per_step": faults / steps}
 
 
-def _run_workers(args: argparse.Namespace, *, procs: int, threads: int, batch: int) -> dict[str, float]:
+def _run_workers(args: argparse.Namespace, *, procs: int, threads: int, batch: int, keep_memory: bool
+                 ) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--worker", "--config", str(args.config), "--threads", str(threads),
-           "--batch", str(batch), "--steps", str(args.steps), "--maps", str(args.maps)]
+           "--batch", str(batch), "--steps", str(args.steps), "--maps", str(args.maps),
+           *(["--keep-memory"] if keep_memory else [])]
     children = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(procs)]
     results = []
     for child in children:
@@ -75,7 +88,8 @@ def _run_workers(args: argparse.Namespace, *, procs: int, threads: int, batch: i
             raise SystemExit(f"worker failed (exit {child.returncode})")
         results.append(json.loads(out.strip().splitlines()[-1]))
     return {"samples_per_s": sum(r["samples_per_s"] for r in results),
-            "median_step_s": statistics.median(r["median_step_s"] for r in results)}
+            "median_step_s": statistics.median(r["median_step_s"] for r in results),
+            "page_faults_per_step": statistics.mean(r["page_faults_per_step"] for r in results)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -87,28 +101,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=2, help="processes of the 'P procs' configuration")
     parser.add_argument("--maps", type=int, default=2, help="training label maps to load")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--keep-memory", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.config, threads=args.threads, batch=args.batch, steps=args.steps, maps=args.maps)))
+        print(json.dumps(worker(args.config, threads=args.threads, batch=args.batch, steps=args.steps, maps=args.maps,
+                                keep_memory=args.keep_memory)))
         return 0
     if args.threads % args.procs:
         parser.error("--threads must be a multiple of --procs")
-    plans = [("baseline", 1, args.threads, 1),
-             (f"batch {args.batch}", 1, args.threads, args.batch),
-             (f"{args.procs} procs x {args.threads // args.procs} thread(s)", args.procs, args.threads // args.procs, 1)]
+    per_proc = args.threads // args.procs
+    plans = [("baseline", 1, args.threads, 1, False),
+             ("+ keep freed memory", 1, args.threads, 1, True),
+             (f"batch {args.batch}, keep", 1, args.threads, args.batch, True),
+             (f"{args.procs} procs x {per_proc} thread(s), keep", args.procs, per_proc, 1, True)]
     rows = []
-    for name, procs, threads, batch in plans:
-        result = _run_workers(args, procs=procs, threads=threads, batch=batch)
+    for name, procs, threads, batch, keep in plans:
+        result = _run_workers(args, procs=procs, threads=threads, batch=batch, keep_memory=keep)
         rows.append((name, result))
         print(f"# {name}: {result['samples_per_s']:.3f} samples/s, median step {result['median_step_s']:.2f} s",
               file=sys.stderr, flush=True)
     base = rows[0][1]["samples_per_s"]
     print(f"| configuration ({args.threads} cores, {args.steps} steps each) | samples/s | median s/step "
-          "| samples/s vs baseline |")
-    print("|---|---|---|---|")
+          "| page faults/step | samples/s vs baseline |")
+    print("|---|---|---|---|---|")
     for name, result in rows:
         print(f"| {name} | {result['samples_per_s']:.3f} | {result['median_step_s']:.2f} | "
-              f"{result['samples_per_s'] / base:.2f}x |")
+              f"{result['page_faults_per_step'] / 1e3:.0f}k | {result['samples_per_s'] / base:.2f}x |")
     return 0
 
 

@@ -46,6 +46,9 @@ class RunSection:
     #: gradients are averaged, i.e. batch size x processes per step; CPU only
     processes: int = 1
     autocast: bool = True  #: bfloat16 autocast (CPU) / float16 (CUDA) for the networks
+    #: glibc: keep freed tensor memory for the next step instead of unmapping it (1.3x faster
+    #: steps on CPU, peak memory kept; :mod:`synthsr_bids.allocator`)
+    keep_freed_memory: bool = True
     log_every: int = 10  #: steps between loss-log rows
     checkpoint_every: int = 100  #: steps between checkpoints
     checkpoint_minutes: float = 15.0  #: ... or minutes, whichever comes first

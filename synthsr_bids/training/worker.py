@@ -29,12 +29,16 @@ def setup_logging(verbose: int, log_file: Path | None) -> None:
 def train_worker(config, group, *, verbose: int = 0, max_steps: int | None = None,  # type: ignore[no-untyped-def]
                  max_minutes: float | None = None) -> None:
     """One training worker (the only one unless ``[run].processes`` > 1): rank 0 logs to ``train.log``."""
+    from synthsr_bids.allocator import keep_freed_memory
+
     from .loop import Trainer, TrainingError
 
     run_dir = Path(config.run.dir).resolve()
     setup_logging(verbose, run_dir / "train.log")
     if not group.is_main and not verbose:  # the other workers log only their warnings and errors
         logging.getLogger().setLevel(logging.WARNING)
+    if config.run.keep_freed_memory and keep_freed_memory():  # before the first tensor
+        LOGGER.info("memory allocator: freed memory is kept for reuse (run.keep_freed_memory)")
     trainer: Trainer | None = None
     stopped = False
 
