@@ -20,7 +20,7 @@ from synthsr_bids.evaluation.baselines import (
     isotonic_regression,
     upsample,
 )
-from synthsr_bids.evaluation.cases import find_patient_files, patient_cases
+from synthsr_bids.evaluation.cases import find_patient_files, patient_cases, synthetic_cases
 from synthsr_bids.evaluation.ceiling import CEILING, flat_reference, kmeans_1d
 from synthsr_bids.evaluation.metrics import (
     SSIM_SIGMA,
@@ -366,6 +366,21 @@ def test_patient_cases_from_file_name_patterns(tmp_path: Path):
     assert cases[2].input.zooms == pytest.approx((1.0, 5.0, 1.0))
     assert cases[0].lesion_mask.sum() > 0 and cases[0].nawm_mask.sum() > 0
     assert not (cases[0].nawm_mask & cases[0].lesion_mask).any()
+
+
+def test_synthetic_case_overrides_replace_the_evaluation_settings(tmp_path: Path):
+    maps = write_label_maps(tmp_path / "maps")
+    clean = {"contrast_probs": (("t1", 1.0),), "plaque_prob": 0.0, "stroke_prob": 0.0, "tumour_prob": 0.0,
+             "isotropic_prob": 1.0, "isotropic_spacing": (1.0, 1.0), "noise_max": 0.0, "bias_std_max": 0.0}
+    default = list(synthetic_cases(maps, 2))
+    cases = list(synthetic_cases(maps, 2, overrides=clean))
+    assert any(c.details["thick_axes"] for c in default)  # the evaluation's own: always thick slices
+    for case in cases:
+        assert case.details["contrast"] == "t1" and case.details["lesions"] == [] and case.lesion_mask is None
+        assert all(axis["spacing_mm"] == 1.0 for axis in case.details["thick_axes"])
+        assert case.details["noise_sigma"] == 0.0 and case.details["bias_std"] == 0.0
+        # Same seed, same map: only the acquisition differs, the target (healthy anatomy) does not.
+    np.testing.assert_allclose(cases[0].reference.data, default[0].reference.data)
 
 
 def test_cli_end_to_end_writes_table_and_json(tmp_path: Path, capsys):

@@ -167,8 +167,13 @@ def synthetic_cases(
     *,
     seed: int = SYNTHETIC_SEED,
     base_config: Any = None,
+    overrides: Mapping[str, Any] | None = None,
 ) -> Iterator[EvalCase]:
-    """Yield ``count`` seeded synthetic cases from the label maps in ``label_dir`` (module docstring)."""
+    """Yield ``count`` seeded synthetic cases from the label maps in ``label_dir`` (module docstring).
+
+    ``overrides``: :class:`GeneratorConfig` fields set after the evaluation settings (e.g. clean
+    1 mm inputs for a diagnostic: ``isotropic_prob=1.0``, no pathology).
+    """
     from synthsr_bids.training.generator import SynthGenerator
     from synthsr_bids.training.labels import (
         LabelFileError,
@@ -198,6 +203,8 @@ def synthetic_cases(
         volume = volumes[index % len(volumes)]
         crop = tuple(int(e) + 2 * SYNTHETIC_MARGIN for e in volume.brain_extent)
         config = evaluation_generator_config(base_config, crop_shape=crop)  # type: ignore[arg-type]
+        if overrides:
+            config = dataclasses.replace(config, **overrides)
         generator = SynthGenerator([volume], scheme, contrasts, config, seed=seed + index)
         image, target, labels, lesions, params = generator.sample(volume_index=0)
         labels_np = labels.numpy()

@@ -1,0 +1,126 @@
+"""What limits a synthesis model: the network itself, measured on inputs it should find easy.
+
+The evaluation (``python -m synthsr_bids.evaluation``) scores hard cases (thick slices, other
+contrasts, lesions, a real patient). This diagnostic asks two simpler questions, whose answers
+say whether more training (or a bigger network) is what is missing:
+
+1. **Clean synthetic T1 -> its own target.** Held-out label maps rendered by the training
+   generator as a clean 1 mm T1-like input (T1 priors, no bias, no noise, no gamma, no lesions,
+   no spatial augmentation); reference: the generator's synthetic T1 target of the same map.
+   A well-trained model reproduces the target (r close to 1); the input itself is the baseline:
+   a model that scores below its input is losing information the input has.
+2. **Equivalent blur.** The Gaussian blur (sigma, mm) of the reference whose result correlates
+   best with the prediction (searched on a grid up to 4 mm), and that best r. A sharp model scores
+   about the targets' own 0.5-voxel blur (the synthetic reference already has it: ~0); a blurred
+   one scores more, and the best r says how much is left once the blur is accounted for
+   (intensity errors, wrong anatomy).
+
+Data: ``../shared/data`` next to the repository (SynthSR's held-out maps; the open_ms_data patient
+for the real T1 row). Example::
+
+    python benchmarks/diagnose_synthesis.py --model /tmp/model.safetensors --cases 3 --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+BLUR_GRID_MM = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
+#: Generator settings of the clean 1 mm T1 inputs (on top of the evaluation's: no spatial augmentation).
+CLEAN_T1 = {
+    "contrast_probs": (("t1", 1.0),), "bias_std_max": 0.0, "gamma_std": 0.0, "noise_max": 0.0,
+    "isotropic_prob": 1.0, "isotropic_spacing": (1.0, 1.0), "plaque_prob": 0.0, "stroke_prob": 0.0,
+    "tumour_prob": 0.0,
+}
+
+
+def equivalent_blur(prediction: np.ndarray, reference: np.ndarray, mask: np.ndarray,
+                    grid: tuple[float, ...] = BLUR_GRID_MM) -> tuple[float, float]:
+    """(sigma, r): the Gaussian blur of ``reference`` (1 mm voxels) best correlated with ``prediction`` in ``mask``."""
+    from scipy import ndimage
+
+    from synthsr_bids.evaluation.metrics import pearson
+
+    scores = [(pearson(prediction, ndimage.gaussian_filter(reference, s) if s else reference, mask), s) for s in grid]
+    r, sigma = max(scores)
+    return sigma, r
+
+
+def synthetic_rows(model, options, label_dir: Path, count: int) -> list[tuple[str, ...]]:  # type: ignore[no-untyped-def]
+    from synthsr_bids.evaluation.cases import synthetic_cases
+    from synthsr_bids.evaluation.metrics import image_metrics
+    from synthsr_bids.inference.predict import synthesize
+
+    rows = []
+    for case in synthetic_cases(label_dir, count, overrides=CLEAN_T1):
+        started = time.perf_counter()
+        result = synthesize(case.input.data, case.input.affine, model, options)
+        if result.data.shape != case.reference.shape:
+            raise SystemExit(f"{case.name}: prediction {result.data.shape} != reference {case.reference.shape}")
+        target, brain = case.reference.data, case.brain_mask
+        ours = image_metrics(result.data, target, brain)
+        given = image_metrics(case.input.data, target, brain)
+        sigma, r_blurred = equivalent_blur(result.data, target, brain)
+        rows.append((case.name, f"{ours.r:.3f} / {ours.ssim:.3f}", f"{given.r:.3f} / {given.ssim:.3f}",
+                     f"{sigma:g}", f"{r_blurred:.3f}", f"{time.perf_counter() - started:.1f}"))
+        print(f"# {case.name}: model r {ours.r:.3f}, input r {given.r:.3f}", file=sys.stderr, flush=True)
+    return rows
+
+
+def patient_row(model, options, patient_dir: Path) -> tuple[str, ...]:  # type: ignore[no-untyped-def]
+    from synthsr_bids.evaluation.cases import patient_cases
+    from synthsr_bids.evaluation.metrics import image_metrics
+    from synthsr_bids.evaluation.volume import resample_onto
+    from synthsr_bids.inference.predict import synthesize
+
+    case = next(c for c in patient_cases(patient_dir) if c.input is c.reference)  # the real 1 mm T1 -> T1 row
+    started = time.perf_counter()
+    result = synthesize(case.input.data, case.input.affine, model, options)
+    prediction = resample_onto(result.data, result.affine, case.reference.shape, case.reference.affine, order=1)
+    brain = case.brain_mask
+    ours = image_metrics(prediction, case.reference.data, brain)
+    sigma, r_blurred = equivalent_blur(prediction, case.reference.data, brain)
+    return (f"{patient_dir.name} real T1 1mm", f"{ours.r:.3f} / {ours.ssim:.3f}", "1.000 / 1.000",
+            f"{sigma:g}", f"{r_blurred:.3f}", f"{time.perf_counter() - started:.1f}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=None, help="registered name or weight file (default: the default model)")
+    parser.add_argument("--label-maps", type=Path, default=DATA / "synthsr" / "label_maps")
+    parser.add_argument("--patient-dir", type=Path, default=DATA / "open_ms_data" / "patient07")
+    parser.add_argument("--cases", type=int, default=3, help="clean synthetic cases (one per map, cycling)")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from synthsr_bids.evaluation.run import load_model
+    from synthsr_bids.inference.predict import SynthesisOptions
+
+    torch.set_num_threads(args.threads)
+    loaded = load_model(args.model)
+    options = SynthesisOptions()  # flip averaging and sharpening, as in the pipeline
+    rows = synthetic_rows(loaded.network, options, args.label_maps, args.cases)
+    if args.patient_dir.is_dir():
+        rows.append(patient_row(loaded.network, options, args.patient_dir))
+    else:
+        print(f"# no patient directory {args.patient_dir}: real T1 row skipped", file=sys.stderr)
+    print(f"Model: {loaded.info.name} (sha256 {loaded.info.sha256[:12]})\n")
+    print("| case (clean 1 mm T1-like input) | model r / SSIM | input r / SSIM (baseline) "
+          "| equivalent blur of the reference (sigma, mm) | r at that blur | time (s) |")
+    print("|---|---|---|---|---|---|")
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
