@@ -31,6 +31,7 @@ from .cases import (
     patient_cases,
     synthetic_cases,
 )
+from .ceiling import CEILING, flat_reference
 from .metrics import (
     SSIM_SIGMA,
     SSIM_TRUNCATE,
@@ -40,7 +41,6 @@ from .metrics import (
     lesion_contrast,
     robust_range,
 )
-from .ceiling import CEILING, flat_reference
 from .volume import resample_onto
 
 __all__ = [

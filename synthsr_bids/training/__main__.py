@@ -185,8 +185,12 @@ def _benchmark(config, steps: int) -> int:  # type: ignore[no-untyped-def]
 
     import torch
 
+    from synthsr_bids.allocator import keep_freed_memory
+
     from .loop import Trainer
 
+    if config.run.keep_freed_memory:  # as in training (worker.train_worker)
+        keep_freed_memory()
     seg_steps = max(config.segmentation.steps, 1)
     config = dataclasses.replace(config, segmentation=dataclasses.replace(config.segmentation, steps=seg_steps))
     trainer = Trainer(config)
