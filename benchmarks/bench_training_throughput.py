@@ -8,6 +8,8 @@ Measures, in one run and on the same machine, regression training samples per se
 * ``batch N``: one process, all threads, batch N (one optimiser step per N samples);
 * ``P procs``: P independent processes at ``threads / P`` threads each, batch 1, started together
   (what a data-parallel run, or two paired A/B arms, would get out of the same cores);
+* ``P procs, compile``: the same with ``[run].compile`` (torch.compile of the training forward
+  passes; the compilation, or its on-disk cache, is in the untimed warm-up step);
 
 and prints each as a ratio to the baseline. The network, crop, frozen-segmenter loss and autocast
 are those of ``--config`` (default: ``configs/default.toml``); the segmenter is untrained (its cost is
@@ -31,7 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _trainer(config_path: Path, *, threads: int, batch: int, maps: int):  # type: ignore[no-untyped-def]
+def _trainer(config_path: Path, *, threads: int, batch: int, maps: int,  # type: ignore[no-untyped-def]
+             compile: bool = False):
     import torch
 
     from synthsr_bids.training.config import load_config
@@ -43,6 +46,7 @@ def _trainer(config_path: Path, *, threads: int, batch: int, maps: int):  # type
     )
 
     config = load_config(config_path, overrides=[f"run.threads={threads}", f"regression.batch_size={batch}",
+                                                 f"run.compile={str(compile).lower()}",
                                                  "run.dir=\"/nonexistent-benchmark-run\""])
     scheme = label_scheme(config)
     volumes = load_volumes(find_label_maps(config.data.training_maps)[:maps], scheme)
@@ -52,7 +56,8 @@ def _trainer(config_path: Path, *, threads: int, batch: int, maps: int):  # type
     return trainer
 
 
-def worker(config_path: Path, *, threads: int, batch: int, steps: int, maps: int, keep_memory: bool) -> dict[str, float]:
+def worker(config_path: Path, *, threads: int, batch: int, steps: int, maps: int, keep_memory: bool,
+           compile: bool = False) -> dict[str, float]:
     """Time ``steps`` regression steps (after one warm-up step); returns samples/s and median s/step."""
     import resource
 
@@ -60,8 +65,8 @@ def worker(config_path: Path, *, threads: int, batch: int, steps: int, maps: int
 
     if keep_memory and not keep_freed_memory():
         raise SystemExit("keep_freed_memory() is not available here (not glibc)")
-    trainer = _trainer(config_path, threads=threads, batch=batch, maps=maps)
-    trainer.train_step()  # warm-up: allocator, oneDNN kernels
+    trainer = _trainer(config_path, threads=threads, batch=batch, maps=maps, compile=compile)
+    trainer.train_step()  # warm-up: allocator, oneDNN kernels, compilation
     durations = []
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     started = time.perf_counter()
@@ -75,11 +80,11 @@ def worker(config_path: Path, *, threads: int, batch: int, steps: int, maps: int
             "page_faults_per_step": faults / steps}
 
 
-def _run_workers(args: argparse.Namespace, *, procs: int, threads: int, batch: int, keep_memory: bool
-                 ) -> dict[str, float]:
+def _run_workers(args: argparse.Namespace, *, procs: int, threads: int, batch: int, keep_memory: bool,
+                 compile: bool = False) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--worker", "--config", str(args.config), "--threads", str(threads),
            "--batch", str(batch), "--steps", str(args.steps), "--maps", str(args.maps),
-           *(["--keep-memory"] if keep_memory else [])]
+           *(["--keep-memory"] if keep_memory else []), *(["--compile"] if compile else [])]
     children = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(procs)]
     results = []
     for child in children:
@@ -102,21 +107,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--maps", type=int, default=2, help="training label maps to load")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--keep-memory", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.config, threads=args.threads, batch=args.batch, steps=args.steps, maps=args.maps,
-                                keep_memory=args.keep_memory)))
+                                keep_memory=args.keep_memory, compile=args.compile)))
         return 0
     if args.threads % args.procs:
         parser.error("--threads must be a multiple of --procs")
     per_proc = args.threads // args.procs
-    plans = [("baseline", 1, args.threads, 1, False),
-             ("+ keep freed memory", 1, args.threads, 1, True),
-             (f"batch {args.batch}, keep", 1, args.threads, args.batch, True),
-             (f"{args.procs} procs x {per_proc} thread(s), keep", args.procs, per_proc, 1, True)]
+    plans = [("baseline", 1, args.threads, 1, False, False),
+             ("+ keep freed memory", 1, args.threads, 1, True, False),
+             (f"batch {args.batch}, keep", 1, args.threads, args.batch, True, False),
+             (f"{args.procs} procs x {per_proc} thread(s), keep", args.procs, per_proc, 1, True, False),
+             (f"{args.procs} procs x {per_proc} thread(s), keep, compile", args.procs, per_proc, 1, True, True)]
     rows = []
-    for name, procs, threads, batch, keep in plans:
-        result = _run_workers(args, procs=procs, threads=threads, batch=batch, keep_memory=keep)
+    for name, procs, threads, batch, keep, compile in plans:
+        result = _run_workers(args, procs=procs, threads=threads, batch=batch, keep_memory=keep, compile=compile)
         rows.append((name, result))
         print(f"# {name}: {result['samples_per_s']:.3f} samples/s, median step {result['median_step_s']:.2f} s",
               file=sys.stderr, flush=True)

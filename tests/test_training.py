@@ -167,6 +167,25 @@ def test_tiny_training_reduces_the_loss(tmp_path: Path, volumes):
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5])
 
 
+@pytest.mark.slow
+def test_compiled_training_steps_match_eager_ones(tmp_path: Path, volumes):
+    """[run].compile: the same losses step for step (float32), same weights, uncompiled state dicts."""
+    results = {}
+    for compile_ in (False, True):
+        config = tiny_config(tmp_path / f"run-{compile_}", seg_steps=2, reg_steps=2, autocast=False, compile=compile_)
+        trainer = make_trainer(config, volumes)
+        losses = []
+        trainer.run(on_step=lambda r: losses.append((r.stage, r.loss)))
+        results[compile_] = (losses, trainer.regressor.state_dict(), len(trainer._compiled))
+    (eager, eager_state, n_eager), (compiled, compiled_state, n_compiled) = results[False], results[True]
+    assert n_eager == 0 and n_compiled == 3  # segmenter in stage 1, frozen segmenter + regressor in stage 2
+    assert [s for s, _ in compiled] == [s for s, _ in eager] == ["segmentation"] * 2 + ["regression"] * 2
+    np.testing.assert_allclose([v for _, v in compiled], [v for _, v in eager], rtol=1e-4)
+    assert compiled_state.keys() == eager_state.keys()  # no "_orig_mod." prefixes in checkpoints/exports
+    for key, value in eager_state.items():
+        torch.testing.assert_close(compiled_state[key], value, rtol=1e-3, atol=1e-5)
+
+
 def test_segmentation_stage_reduces_the_dice_loss(tmp_path: Path, volumes):
     config = tiny_config(tmp_path / "run", seg_steps=30, reg_steps=0)
     still = GeneratorConfig(crop_shape=(16, 16, 16), scaling=(1.0, 1.0), rotation_deg=0.0, shear=0.0,

@@ -49,6 +49,10 @@ class RunSection:
     #: glibc: keep freed tensor memory for the next step instead of unmapping it (1.3x faster
     #: steps on CPU, peak memory kept; :mod:`synthsr_bids.allocator`)
     keep_freed_memory: bool = True
+    #: torch.compile (inductor) the networks as the training step calls them; validation and export
+    #: use the same modules uncompiled. CPU needs a C++ compiler; the first step of a process compiles
+    #: (~1 min here, then cached on disk under TORCHINDUCTOR_CACHE_DIR)
+    compile: bool = False
     log_every: int = 10  #: steps between loss-log rows
     checkpoint_every: int = 100  #: steps between checkpoints
     checkpoint_minutes: float = 15.0  #: ... or minutes, whichever comes first

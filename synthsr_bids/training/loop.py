@@ -306,6 +306,7 @@ class Trainer:
         #: exponential moving average of the regressor's weights ([regression].ema_decay > 0), see .ema
         self.reg_ema: WeightAverage | None = None
         self._averaged_net: SynthSRUNet | None = None  # reused by averaged_regressor()
+        self._compiled: dict[int, tuple[torch.nn.Module, Callable[..., Any]]] = {}  # see _for_training()
         torch.manual_seed(config.run.seed)
         if self.stage == "segmentation":
             self._new_segmenter()
@@ -383,6 +384,21 @@ class Trainer:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _for_training(self, module: torch.nn.Module) -> Callable[..., Any]:
+        """``module`` as the training step calls it: with ``[run].compile``, a ``torch.compile`` wrapper
+        (made once per module, sharing its parameters and buffers); otherwise the module itself.
+
+        The module stays uncompiled for everything else (validation on whole volumes, export, state
+        dicts), so only the fixed-size training forward passes are compiled.
+        """
+        if not self.config.run.compile:
+            return module
+        cached = self._compiled.get(id(module))
+        if cached is None or cached[0] is not module:
+            cached = (module, torch.compile(module, dynamic=False))
+            self._compiled[id(module)] = cached
+        return cached[1]
+
     def _to_net(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device).contiguous(memory_format=torch.channels_last_3d)
 
@@ -401,7 +417,7 @@ class Trainer:
             x = self.segmentation_input(batch)
             self.seg_opt.zero_grad(set_to_none=True)
             with self._autocast():
-                logits = self.segmenter(self._to_net(x))
+                logits = self._for_training(self.segmenter)(self._to_net(x))
             loss = softmax_dice_loss(logits, batch.labels.to(self.device))
             loss.backward()
             self.group.average_gradients(self.segmenter.parameters())
@@ -414,10 +430,11 @@ class Trainer:
             assert self.regressor is not None and self.reg_opt is not None
             self.regressor.train()
             self.reg_opt.zero_grad(set_to_none=True)
+            segmenter = None if self.segmenter is None else self._for_training(self.segmenter)
             with self._autocast():
-                pred = self.regressor(self._to_net(batch.input))
+                pred = self._for_training(self.regressor)(self._to_net(batch.input))
                 terms = regression_loss(pred, batch.target.to(self.device), batch.labels.to(self.device),
-                                        segmenter=self.segmenter, seg_weight=stage_cfg.seg_loss_weight,
+                                        segmenter=segmenter, seg_weight=stage_cfg.seg_loss_weight,
                                         aux_weight=stage_cfg.aux_seg_weight)
             terms.total.backward()
             self.group.average_gradients(self.regressor.parameters())

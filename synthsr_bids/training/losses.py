@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -149,7 +150,7 @@ def regression_loss(
     target: Tensor,
     labels: Tensor,
     *,
-    segmenter: torch.nn.Module | None,
+    segmenter: Callable[[Tensor], Tensor] | None,
     seg_weight: float,
     aux_weight: float = 0.0,
 ) -> RegressionLoss:
