@@ -25,6 +25,7 @@ from synthsr_bids.training.loop import (
     LOSS_COLUMNS,
     Trainer,
     TrainingError,
+    _cxx_compiler,
     latest_checkpoint,
     replace_segmenter,
 )
@@ -168,6 +169,7 @@ def test_tiny_training_reduces_the_loss(tmp_path: Path, volumes):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(_cxx_compiler() is None, reason="torch.compile needs a C++ compiler on CPU (.ci/run installs g++)")
 def test_compiled_training_steps_match_eager_ones(tmp_path: Path, volumes):
     """[run].compile: the same losses step for step (float32), same weights, uncompiled state dicts."""
     results = {}
@@ -184,6 +186,13 @@ def test_compiled_training_steps_match_eager_ones(tmp_path: Path, volumes):
     assert compiled_state.keys() == eager_state.keys()  # no "_orig_mod." prefixes in checkpoints/exports
     for key, value in eager_state.items():
         torch.testing.assert_close(compiled_state[key], value, rtol=1e-3, atol=1e-5)
+
+
+def test_compile_without_a_cxx_compiler_says_how_to_turn_it_off(tmp_path: Path, volumes, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.raises(TrainingError, match="run.compile=false"):
+        make_trainer(tiny_config(tmp_path / "run", compile=True), volumes)
+    make_trainer(tiny_config(tmp_path / "run2", compile=False), volumes)  # the default needs none
 
 
 def test_segmentation_stage_reduces_the_dice_loss(tmp_path: Path, volumes):

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -99,6 +100,13 @@ _NAMES = {
 
 class TrainingError(RuntimeError):
     """The training job cannot go on; the message names the file and the fix."""
+
+
+def _cxx_compiler() -> str | None:
+    """The C++ compiler torch.compile's inductor uses on CPU (``$CXX``, else g++; clang++ on macOS), or None."""
+    import shutil
+
+    return shutil.which(os.environ.get("CXX") or ("clang++" if sys.platform == "darwin" else "g++"))
 
 
 @dataclass(frozen=True)
@@ -272,6 +280,9 @@ class Trainer:
         self.device = torch.device(config.run.device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise TrainingError(f"[run].device is {config.run.device!r} but CUDA is not available (set device = \"cpu\")")
+        if config.run.compile and self.device.type == "cpu" and not _cxx_compiler():
+            raise TrainingError("[run].compile is on but no C++ compiler was found (inductor compiles C++ on CPU): "
+                                "install one (e.g. apt-get install g++, or set CXX) or pass --set run.compile=false")
         data = config.data
         self.scheme = scheme or label_scheme(config)
         self.contrasts = contrasts or load_contrast_priors(data.contrast_priors, n_classes=self.scheme.n_contrast_classes)
