@@ -362,6 +362,9 @@ def test_patient_cases_from_file_name_patterns(tmp_path: Path):
     assert [c.name for c in cases] == ["FLAIR 1mm", "FLAIR 5mm ax", "FLAIR 5mm cor", "T2 1mm", "T2 5mm ax",
                                        "T2 5mm cor", "T1 5mm ax", "T1 1mm"]
     assert cases[-1].input is cases[-1].reference  # the ceiling row: the reference itself
+    # One flat-reference ceiling per patient, shared by its cases.
+    assert all(c.flat_reference is cases[0].flat_reference for c in cases)
+    np.testing.assert_allclose(cases[0].flat_reference, flat_reference(cases[0].reference.data, cases[0].brain_mask))
     assert cases[1].input.zooms == pytest.approx((1.0, 1.0, 5.0))
     assert cases[2].input.zooms == pytest.approx((1.0, 5.0, 1.0))
     assert cases[0].lesion_mask.sum() > 0 and cases[0].nawm_mask.sum() > 0

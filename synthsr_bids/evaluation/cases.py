@@ -41,6 +41,7 @@ import numpy as np
 from synthsr_bids.errors import BadInputError
 from synthsr_bids.io import load_scan
 
+from .ceiling import flat_reference
 from .degrade import slice_axis, thick_slices
 from .metrics import bright_tissue_mask, nawm_mask
 from .volume import Volume, resample_onto
@@ -112,6 +113,8 @@ class EvalCase:
         brain_mask: where the image metrics are computed.
         lesion_mask: lesions (None when there are none or no mask exists).
         nawm_mask: normal-appearing white matter (None without lesions).
+        flat_reference: the reference's flat rendering, scored as the ceiling (:mod:`.ceiling`); None
+            for a synthetic reference, which already is one. Patient cases share one array.
         details: facts for the JSON output (contrast, slice geometry, lesion kinds, ...).
     """
 
@@ -122,6 +125,7 @@ class EvalCase:
     brain_mask: np.ndarray
     lesion_mask: np.ndarray | None = None
     nawm_mask: np.ndarray | None = None
+    flat_reference: np.ndarray | None = None
     details: Mapping[str, Any] = field(default_factory=dict)
 
 
@@ -273,6 +277,7 @@ def patient_cases(directory: Path, *, spacing_mm: float = 5.0) -> list[EvalCase]
     if lesion is not None:
         nawm = nawm_mask(bright_tissue_mask(reference.data, brain, percentile=NAWM_T1_PERCENTILE), lesion,
                          dilation=NAWM_DILATION)
+    flat = flat_reference(reference.data, brain)  # one ceiling for every case of this patient
     sources: dict[str, Volume] = {"T1": reference}
     cases = []
     for name, contrast, orientation in PATIENT_CASES:
@@ -293,5 +298,5 @@ def patient_cases(directory: Path, *, spacing_mm: float = 5.0) -> list[EvalCase]
         details["input_shape"] = list(image.shape)
         details["input_zooms"] = [round(z, 3) for z in image.zooms]
         cases.append(EvalCase(name=name, group=directory.name, input=image, reference=reference, brain_mask=brain,
-                              lesion_mask=lesion, nawm_mask=nawm, details=details))
+                              lesion_mask=lesion, nawm_mask=nawm, flat_reference=flat, details=details))
     return cases

@@ -31,7 +31,7 @@ from .cases import (
     patient_cases,
     synthetic_cases,
 )
-from .ceiling import CEILING, flat_reference
+from .ceiling import CEILING
 from .metrics import (
     SSIM_SIGMA,
     SSIM_TRUNCATE,
@@ -255,8 +255,8 @@ def evaluate_case(case: EvalCase, model: Any, options: Any) -> CaseResult:
         LOGGER.info("%s: %s", case.name, note)
     baselines = baseline_predictions(case.input, reference, case.brain_mask)
     predictions = {"model": prediction, **baselines}
-    if case.group != "synthetic":  # a synthetic reference already is a flat rendering (see .ceiling)
-        predictions[CEILING] = flat_reference(reference.data, case.brain_mask)
+    if case.flat_reference is not None:  # real references only (see .ceiling)
+        predictions[CEILING] = case.flat_reference
     methods = score_predictions(case, predictions, baselines["trilinear"])
     return CaseResult(name=case.name, group=case.group, seconds=seconds, methods=methods,
                       reference_lesion=reference_lesion_contrast(case, baselines["trilinear"]), details=dict(case.details))
