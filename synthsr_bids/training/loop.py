@@ -317,7 +317,7 @@ class Trainer:
         #: exponential moving average of the regressor's weights ([regression].ema_decay > 0), see .ema
         self.reg_ema: WeightAverage | None = None
         self._averaged_net: SynthSRUNet | None = None  # reused by averaged_regressor()
-        self._compiled: dict[int, tuple[torch.nn.Module, Callable[..., Any]]] = {}  # see _for_training()
+        self._compiled: dict[torch.nn.Module, Callable[..., Any]] = {}  # see _for_training()
         torch.manual_seed(config.run.seed)
         if self.stage == "segmentation":
             self._new_segmenter()
@@ -404,11 +404,9 @@ class Trainer:
         """
         if not self.config.run.compile:
             return module
-        cached = self._compiled.get(id(module))
-        if cached is None or cached[0] is not module:
-            cached = (module, torch.compile(module, dynamic=False))
-            self._compiled[id(module)] = cached
-        return cached[1]
+        if module not in self._compiled:  # modules hash by identity
+            self._compiled[module] = torch.compile(module, dynamic=False)
+        return self._compiled[module]
 
     def _to_net(self, x: torch.Tensor) -> torch.Tensor:
         return x.to(self.device).contiguous(memory_format=torch.channels_last_3d)
