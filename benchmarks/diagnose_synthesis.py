@@ -107,13 +107,14 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     loaded = load_model(args.model)
-    options = SynthesisOptions()  # flip averaging and sharpening, as in the pipeline
+    # As the pipeline runs it: flip averaging, and sharpening when the weight file asks for it.
+    options = SynthesisOptions(sharpen=loaded.sharpen)
     rows = synthetic_rows(loaded.network, options, args.label_maps, args.cases)
     if args.patient_dir.is_dir():
         rows.append(patient_row(loaded.network, options, args.patient_dir))
     else:
         print(f"# no patient directory {args.patient_dir}: real T1 row skipped", file=sys.stderr)
-    print(f"Model: {loaded.info.name} (sha256 {loaded.info.sha256[:12]})\n")
+    print(f"Model: {loaded.info.name} (sha256 {loaded.info.sha256[:12]}; sharpening {'on' if loaded.sharpen else 'off'})\n")
     print("| case (clean 1 mm T1-like input) | model r / SSIM | input r / SSIM (baseline) "
           "| equivalent blur of the reference (sigma, mm) | r at that blur | time (s) |")
     print("|---|---|---|---|---|---|")

@@ -41,8 +41,9 @@ class InferenceSettings:
     """CPU threads for torch; ``None`` leaves torch's default."""
     flip: bool = True
     """Average the prediction with the left-right flipped prediction (as mri_synthsr)."""
-    sharpen: bool = True
-    """Unsharp-mask the output (as mri_synthsr)."""
+    sharpen: bool | None = None
+    """Unsharp-mask the output; ``None``: as the model's weight file asks (``synthsr_bids.sharpen``
+    metadata), which is mri_synthsr's sharpening for files that do not say (the official models)."""
     ct: bool = False
     """Clip input intensities to [0, 80] (Hounsfield units) before the network."""
     half: bool = False

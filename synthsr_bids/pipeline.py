@@ -62,6 +62,8 @@ class Network:
     in_channels: int = 1
     notes: tuple[str, ...] = ()
     """What every sidecar made with this network must say (e.g. that it is a preview model)."""
+    sharpen: bool = True
+    """Unsharp-mask the outputs: ``--enable/--disable-sharpening``, else what the weight file asks."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +121,13 @@ def load_network(config: RunConfig) -> Network:
                 "`synthsr-models fetch synthsr-v1` then `--model synthsr-v1`")
         LOGGER.warning(note)
         notes = (note,)
-    return Network(model=loaded.model, info=info, in_channels=loaded.config.in_channels, notes=notes)
+    sharpen = config.inference.sharpen
+    if sharpen is None:
+        sharpen = loaded.sharpen
+        LOGGER.info("sharpening %s (as model %s asks; --%s-sharpening to change it)", "on" if sharpen else "off",
+                    resolved.name, "disable" if sharpen else "enable")
+    return Network(model=loaded.model, info=info, in_channels=loaded.config.in_channels, notes=notes,
+                   sharpen=sharpen)
 
 
 def _crash_file(config: RunConfig, scan: ScanInput) -> Path:
@@ -143,7 +151,7 @@ def _write_outputs(
     load_seconds = time.perf_counter() - started
     options = SynthesisOptions(
         flip=config.inference.flip,
-        sharpen=config.inference.sharpen,
+        sharpen=network.sharpen,
         ct=config.inference.ct,
         device=device,
         half=config.inference.half,
@@ -222,7 +230,7 @@ def process_scan(scan: ScanInput, *, config: RunConfig, network: Network, device
             source_sha256=source_hash,
             model=network.info,
             flip=config.inference.flip,
-            sharpen=config.inference.sharpen,
+            sharpen=network.sharpen,
             ct=config.inference.ct,
             native_grid=config.native_grid,
         )

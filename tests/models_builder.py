@@ -52,7 +52,7 @@ def random_unet(*, base_features: int = 4, n_levels: int = 3, seed: int = 0) -> 
     return net.eval()
 
 
-def write_model(net: SynthSRUNet, path: Path) -> Path:
+def write_model(net: SynthSRUNet, path: Path, metadata: dict[str, str] | None = None) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_safetensors(net, path, {"description": "test model"})
+    save_safetensors(net, path, {"description": "test model", **(metadata or {})})
     return path

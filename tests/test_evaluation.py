@@ -343,7 +343,7 @@ def write_label_maps(folder: Path) -> Path:
     return folder
 
 
-def scaled_identity_model(path: Path) -> Path:
+def scaled_identity_model(path: Path, metadata: dict[str, str] | None = None) -> Path:
     """A model whose output is 0.4 x its input: below mri_synthsr's 128/255 clip, so output ~ input."""
     import torch
     from models_builder import identity_unet, write_model
@@ -351,7 +351,7 @@ def scaled_identity_model(path: Path) -> Path:
     net = identity_unet(base_features=4, n_levels=3)
     with torch.no_grad():
         net.head.weight[0, 0] = 0.4
-    return write_model(net, path)
+    return write_model(net, path, metadata)
 
 
 def test_patient_cases_from_file_name_patterns(tmp_path: Path):
@@ -389,13 +389,15 @@ def test_synthetic_case_overrides_replace_the_evaluation_settings(tmp_path: Path
 def test_cli_end_to_end_writes_table_and_json(tmp_path: Path, capsys):
     patient = write_phantom_patient(tmp_path / "data" / "open_ms_data" / "patient07")
     write_label_maps(tmp_path / "data" / "synthsr" / "label_maps")
-    model = scaled_identity_model(tmp_path / "model.safetensors")
+    # The weight file asks for no sharpening (as the bundled model's): the evaluation follows it by default.
+    model = scaled_identity_model(tmp_path / "model.safetensors", {"synthsr_bids.sharpen": "false"})
     out = tmp_path / "eval.json"
     code = main(["--model", str(model), "--data-dir", str(tmp_path / "data"), "--synthetic-cases", "2",
-                 "--threads", "1", "--output-json", str(out), "--verbose", "--no-progress", "--no-sharpen"])
+                 "--threads", "1", "--output-json", str(out), "--verbose", "--no-progress"])
     assert code == 0
     table = capsys.readouterr().out
     assert "| case | model | trilinear | cubic |" in table
+    assert "flip averaging on, sharpening off)" in table
     for row in ("synthetic mean (2)", "syn1 brain1", "syn2 brain2", "patient07 FLAIR 5mm cor", "patient07 T1 5mm ax"):
         assert row in table
     doc = json.loads(out.read_text())
@@ -404,6 +406,7 @@ def test_cli_end_to_end_writes_table_and_json(tmp_path: Path, capsys):
     assert doc["methods"] == ["model", *BASELINES, CEILING] and "lesion" in doc["definitions"]
     assert CEILING in doc["definitions"] and "flat reference (ceiling)" in table
     assert doc["skipped"] == []
+    assert doc["settings"]["sharpen"] is False and doc["settings"]["flip"] is True
     assert [c["name"] for c in doc["cases"]][:2] == ["syn1 brain1_labels", "syn2 brain2_labels"]
     patient_docs = [c for c in doc["cases"] if c["group"] == patient.name]
     assert len(patient_docs) == 8
@@ -446,6 +449,7 @@ def test_cli_skips_missing_parts_and_says_so(tmp_path: Path, capsys):
     captured = capsys.readouterr()
     assert code == 0
     assert "synthetic mean" not in captured.out and "p T1 5mm ax" in captured.out
+    assert "sharpening on)" in captured.out  # a file that does not say: mri_synthsr's post-processing
     assert "Skipped: synthetic cases: no label maps in" in captured.out
     code = main(["--model", str(model), "--data-dir", str(tmp_path / "nowhere"), "--synthetic-cases", "0"])
     captured = capsys.readouterr()

@@ -18,7 +18,8 @@ def test_defaults(tmp_path):
     assert config.analysis_level == "participant"
     assert config.participant_labels == ()
     assert config.contrasts == DEFAULT_CONTRASTS
-    assert config.inference.flip and config.inference.sharpen and not config.inference.ct
+    assert config.inference.flip and not config.inference.ct
+    assert config.inference.sharpen is None  # as the model's weight file asks
     assert config.inference.device == "auto"
     assert not config.overwrite and not config.native_grid
     assert config.command_line[0] == "synthsr-bids"
@@ -97,6 +98,24 @@ def test_output_inside_raw_tree_refused_unless_derivatives(tmp_path, capsys):
     assert config.output_dir.parts[-2:] == ("derivatives", "synthsr")
 
 
+@pytest.mark.parametrize(("flags", "expected"), [
+    ((), None),
+    (("--disable-sharpening",), False),
+    (("--disable_sharpening",), False),
+    (("--enable-sharpening",), True),
+    (("--enable_sharpening",), True),
+])
+def test_sharpening_flags(tmp_path, flags, expected):
+    assert _parse(tmp_path, *flags).inference.sharpen is expected
+
+
+def test_sharpening_flags_are_exclusive(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        _parse(tmp_path, "--enable-sharpening", "--disable-sharpening")
+    assert exc.value.code == 64
+    assert "not allowed with argument" in capsys.readouterr().err
+
+
 def test_group_level_accepted(tmp_path):
     bids = tmp_path / "ds"
     bids.mkdir()
@@ -108,6 +127,7 @@ def test_help_mentions_every_option():
     text = build_parser().format_help()
     for option in ("--participant-label", "--session-label", "--bids-filter-file", "--contrasts",
                    "--skip-bids-validation", "--bids-database-dir", "--work-dir", "--model", "--device",
-                   "--nthreads", "--disable-flipping", "--disable-sharpening", "--ct", "--native-grid",
+                   "--nthreads", "--disable-flipping", "--disable-sharpening", "--enable-sharpening", "--ct",
+                   "--native-grid",
                    "--overwrite", "--version", "Exit codes"):
         assert option in text

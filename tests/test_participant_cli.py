@@ -312,3 +312,41 @@ def test_preview_model_is_announced_in_the_log_and_in_every_sidecar(tmp_path, ca
     for path in sidecars:
         notes = json.loads(path.read_text())["SynthSR"]["Notes"]
         assert any("is a preview" in note and "synthsr-v1" in note for note in notes), path
+
+
+def test_sharpening_follows_the_model_unless_the_command_line_says(tmp_path, models, caplog):
+    """A weight file that asks for no sharpening (``synthsr_bids.sharpen`` = false, as the bundled model's)
+    is not sharpened by default; --enable-sharpening overrides it and the rerun recomputes the outputs."""
+    from synthsr_bids.models.weights import SHARPEN_METADATA, save_safetensors
+
+    plain = tmp_path / "plain.safetensors"
+    save_safetensors(identity_unet(), plain, {SHARPEN_METADATA: "false"})
+    bids = build_clean_dataset(tmp_path / "ds")
+
+    def run(out: Path, *extra: str, model: Path = plain) -> dict[str, np.ndarray]:
+        argv = [str(bids), str(out), "participant", "--model", str(model), "--nthreads", "1",
+                "--participant-label", "01", "--skip-bids-validation", "-w", str(tmp_path / "work"), *extra]
+        assert main(argv) == 0
+        images = sorted(out.glob("sub-01/**/*_T1w.nii.gz"))
+        assert images
+        return {str(p.relative_to(out)): nib.load(str(p)).get_fdata() for p in images}
+
+    with caplog.at_level(logging.INFO, logger="synthsr_bids"):
+        asked = run(tmp_path / "asked")
+    assert "sharpening off (as model" in caplog.text
+    forced_off = run(tmp_path / "off", "--disable-sharpening")
+    sharpened = run(tmp_path / "on", "--enable-sharpening")
+    default_file = run(tmp_path / "file-default", model=models["identity"])  # no metadata: mri_synthsr's sharpening
+    for name, image in asked.items():
+        np.testing.assert_array_equal(image, forced_off[name])
+        np.testing.assert_array_equal(sharpened[name], default_file[name])
+        assert np.abs(sharpened[name] - image).max() > 1.0, name
+    sidecars = {path.parent.parent.name: json.loads(path.read_text())["SynthSR"]["Sharpening"]
+                for path in (tmp_path / "asked").glob("sub-01/**/*_T1w.json")}
+    assert sidecars and not any(sidecars.values())
+    # The same folder rerun with --enable-sharpening: the settings changed, so the outputs are recomputed.
+    rerun = run(tmp_path / "asked", "--enable-sharpening")
+    for name, image in rerun.items():
+        np.testing.assert_array_equal(image, sharpened[name])
+    for path in (tmp_path / "asked").glob("sub-01/**/*_T1w.json"):
+        assert json.loads(path.read_text())["SynthSR"]["Sharpening"] is True

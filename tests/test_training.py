@@ -265,6 +265,7 @@ def test_exported_safetensors_loads_into_synthsrunet(tmp_path: Path, volumes):
     loaded = load_weights(summary.model)
     assert loaded.config == UNetConfig(base_features=4, n_levels=2, final_activation="linear")
     assert loaded.metadata["synthsr_bids.role"] == "regression"
+    assert loaded.metadata["synthsr_bids.sharpen"] == "true"
     raw = summary.model.read_bytes()
     assert b'"F16"' in raw  # stored as float16
     # same numbers as the trained regressor with its weights rounded to float16
@@ -559,6 +560,7 @@ def test_command_line_train_and_export(tmp_path: Path):
     assert done.returncode == 0, done.stderr
     assert load_weights(out).config.base_features == 4
     assert load_weights(out).metadata["synthsr_bids.weights"] == "ema 0.9 over 2 steps"  # the weight average
+    assert load_weights(out).sharpen is True  # [regression].output_sharpening defaults to mri_synthsr's
     done = subprocess.run(cmd + ["export", "--config", str(toml), "--output", str(out), "--raw"], capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and load_weights(out).metadata["synthsr_bids.weights"] == "raw"
@@ -581,17 +583,20 @@ def test_command_line_train_and_export(tmp_path: Path):
     shutil.copy(REPO / "synthsr_bids" / "data" / "models.json", package / "models.json")
     (package / "models" / "synthsr-bids_v0.0.1.safetensors").write_bytes(b"older version")
     done = subprocess.run(cmd + ["ship", "--config", str(toml), "--version", "0.1.0.dev2", "--preview",
+                                 "--set", "regression.output_sharpening=false",
                                  "--package-data", str(package)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     check_shipped(package, version="0.1.0.dev2", reg_steps=2, seg_steps=2)
     reg = load_weights(package / "models" / "synthsr-bids_v0.1.0.dev2.safetensors")
     assert reg.metadata["synthsr_bids.status"] == "preview"
     assert reg.metadata["synthsr_bids.weights"] == "ema 0.9 over 2 steps"
+    assert reg.sharpen is False and reg.metadata["synthsr_bids.sharpen"] == "false"  # the pipeline follows it
     done = subprocess.run(cmd + ["ship", "--config", str(toml), "--version", "0.1.0.dev3", "--raw",
                                  "--package-data", str(package)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     raw = load_weights(package / "models" / "synthsr-bids_v0.1.0.dev3.safetensors")
     assert raw.metadata["synthsr_bids.weights"] == "raw" and "synthsr_bids.status" not in raw.metadata
+    assert raw.sharpen is True
     bad = subprocess.run(cmd + ["ship", "--config", str(toml), "--version", "../x", "--package-data", str(package)],
                          capture_output=True, text=True, timeout=300)
     assert bad.returncode == 65 and "version" in bad.stderr

@@ -165,7 +165,7 @@ def test_training_keeps_validates_resumes_and_exports_the_average(tmp_path: Path
     raw_ckpt = regressor_from_checkpoint(ckpt, average=False)
     assert raw_ckpt.weights == "raw"
     assert torch.allclose(raw_ckpt.model.state_dict()["head.weight"], resumed.regressor.state_dict()["head.weight"])
-    exported = load_weights(export_from_checkpoint(ckpt, tmp_path / "ema.safetensors"))
+    exported = load_weights(export_from_checkpoint(ckpt, tmp_path / "ema.safetensors", sharpen=True))
     assert exported.metadata["synthsr_bids.weights"] == "ema 0.5 over 5 steps"
     own = load_weights(tmp_path / "copy" / "model.safetensors")
     assert own.metadata["synthsr_bids.weights"] == "ema 0.5 over 5 steps"

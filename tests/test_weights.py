@@ -21,10 +21,12 @@ import torch
 
 from synthsr_bids.models.network import SynthSRUNet, UNetConfig
 from synthsr_bids.models.weights import (
+    SHARPEN_METADATA,
     LoadedNetwork,
     WeightFileError,
     keras_name_map,
     load_weights,
+    recommended_sharpening,
     read_keras_h5,
     save_safetensors,
     sha256_file,
@@ -236,6 +238,23 @@ def test_safetensors_round_trip(tmp_path: Path):
         assert torch.equal(state[key], state_again[key]), key
     with torch.inference_mode():
         assert (again.model(keras_input(data)) - keras_output(data)).abs().max().item() <= 1e-4
+
+
+@pytest.mark.parametrize(("value", "expected"), [(None, True), ("true", True), ("false", False), (" False ", False)])
+def test_a_weight_file_says_whether_its_outputs_are_sharpened(tmp_path: Path, value, expected):
+    path, _ = fixture("seg_small")
+    out = tmp_path / "model.safetensors"
+    save_safetensors(load_weights(path).model, out, {} if value is None else {SHARPEN_METADATA: value})
+    assert load_weights(out).sharpen is expected
+    assert recommended_sharpening({} if value is None else {SHARPEN_METADATA: value}) is expected
+
+
+def test_a_bad_sharpening_value_is_named(tmp_path: Path):
+    path, _ = fixture("seg_small")
+    out = tmp_path / "model.safetensors"
+    save_safetensors(load_weights(path).model, out, {SHARPEN_METADATA: "maybe"})
+    with pytest.raises(WeightFileError, match=r"model\.safetensors: metadata 'synthsr_bids\.sharpen' must be 'true' or 'false', got 'maybe'"):
+        load_weights(out)
 
 
 def test_fp16_safetensors_are_cast_to_fp32(tmp_path: Path):

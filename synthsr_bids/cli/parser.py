@@ -308,12 +308,23 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="skip the left-right flipped second pass (2x faster, slightly less robust)",
     )
-    synthesis.add_argument(
+    sharpening = synthesis.add_mutually_exclusive_group()
+    sharpening.add_argument(
         "--disable-sharpening",
         "--disable_sharpening",
-        dest="disable_sharpening",
-        action="store_true",
-        help="skip the final unsharp mask",
+        dest="sharpen",
+        action="store_const",
+        const=False,
+        help="skip the final unsharp mask (default: as the model asks; mri_synthsr's models are "
+        "sharpened, the bundled synthsr-bids model is not: see MODEL_CARD.md)",
+    )
+    sharpening.add_argument(
+        "--enable-sharpening",
+        "--enable_sharpening",
+        dest="sharpen",
+        action="store_const",
+        const=True,
+        help="apply the final unsharp mask even when the model asks not to",
     )
     synthesis.add_argument(
         "--ct",
@@ -412,7 +423,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         device=opts.device,
         nthreads=opts.nthreads,
         flip=not opts.disable_flipping,
-        sharpen=not opts.disable_sharpening,
+        sharpen=opts.sharpen,
         ct=opts.ct,
         half=opts.half,
     )

@@ -60,8 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="registered model name or .safetensors/.h5 file; None = the registry default")
     model.add_argument("--flip", action=argparse.BooleanOptionalAction, default=True,
                        help="average with the left-right flipped prediction (as mri_synthsr)")
-    model.add_argument("--sharpen", action=argparse.BooleanOptionalAction, default=True,
-                       help="unsharp-mask the output (as mri_synthsr)")
+    model.add_argument("--sharpen", action=argparse.BooleanOptionalAction, default=None,
+                       help="unsharp-mask the output; None = as the model's weight file asks (mri_synthsr's "
+                            "models: yes)")
     model.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto")
     model.add_argument("--threads", type=_positive_int, default=None, help="torch threads; None = torch's default")
 

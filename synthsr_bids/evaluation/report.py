@@ -116,6 +116,10 @@ def _triplet(metrics: Mapping[str, Any] | None) -> str:
     return f"{_fmt(metrics.get('r'))} / {_fmt(metrics.get('ssim'))} / {_fmt(metrics.get('mae'), 1, 100.0)}"
 
 
+def _on_off(value: bool | None) -> str:
+    return "on" if value else "off"
+
+
 def markdown_table(result: EvaluationResult, *, verbose: bool = False) -> str:
     """The markdown table plus a legend (see the module docstring)."""
     header = ["case", *(_LABELS[m] for m in METHODS), "model outside lesions", "lesion removed: model (ref)", "time (s)"]
@@ -131,7 +135,8 @@ def markdown_table(result: EvaluationResult, *, verbose: bool = False) -> str:
                  _triplet(model.get("outside_lesions")), removed, _fmt(row.get("seconds"), 1)]
         lines.append("| " + " | ".join(cells) + " |")
     legend = (
-        f"\nModel: {result.model.name} (sha256 {result.model.sha256[:12]}). Cells: r / SSIM / MAE (% of the "
+        f"\nModel: {result.model.name} (sha256 {result.model.sha256[:12]}; flip averaging "
+        f"{_on_off(result.config.flip)}, sharpening {_on_off(result.config.sharpen)}). Cells: r / SSIM / MAE (% of the "
         "reference's 1-99th percentile range), inside the brain, after a least-squares linear fit of each "
         "prediction to the reference. \"(oracle)\": monotone intensity mapping fitted on the reference itself. "
         "Lesion removed: 1 - (prediction's lesion contrast / input's), relative to NAWM; 0 = kept, 1 = looks "

@@ -9,6 +9,7 @@ Patient cases are also scored against the flat-reference ceiling (:mod:`.ceiling
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -88,6 +89,7 @@ class ModelInfo:
 class LoadedModel:
     network: Any  #: a torch module in eval mode
     info: ModelInfo
+    sharpen: bool = True  #: the post-processing the weight file asks for (see models.weights)
 
 
 @dataclass(frozen=True)
@@ -101,7 +103,7 @@ class EvaluationConfig:
     seed: int = SYNTHETIC_SEED
     slice_spacing_mm: float = 5.0
     flip: bool = True
-    sharpen: bool = True
+    sharpen: bool | None = None  #: None = as the model's weight file asks (resolved by run_evaluation)
     device: str = "cpu"
     threads: int | None = None
 
@@ -183,7 +185,7 @@ def load_model(name_or_path: str | None) -> LoadedModel:
     except (ModelNotAvailableError, WeightFileError) as exc:
         raise ModelMissingError(f"{exc}\n{EXPORT_HINT}") from exc
     info = ModelInfo(name=resolved.name, path=str(resolved.path), sha256=resolved.sha256, license=resolved.license)
-    return LoadedModel(network=loaded.model, info=info)
+    return LoadedModel(network=loaded.model, info=info, sharpen=loaded.sharpen)
 
 
 # ---------------------------------------------------------------------------- scoring
@@ -300,7 +302,9 @@ def run_evaluation(config: EvaluationConfig, model: LoadedModel, *, progress: bo
         import torch
 
         torch.set_num_threads(int(config.threads))
-    options = SynthesisOptions(flip=config.flip, sharpen=config.sharpen, device=config.device)
+    if config.sharpen is None:  # the result records what was done
+        config = dataclasses.replace(config, sharpen=model.sharpen)
+    options = SynthesisOptions(flip=config.flip, sharpen=bool(config.sharpen), device=config.device)
     started = time.perf_counter()
     skipped: list[str] = []
     parts = _planned_parts(config, skipped)

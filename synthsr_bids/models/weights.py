@@ -38,6 +38,8 @@ from synthsr_bids.models.network import SynthSRUNet, UNetConfig
 __all__ = [
     "STATUS_METADATA",
     "PREVIEW_STATUS",
+    "SHARPEN_METADATA",
+    "recommended_sharpening",
     "WeightFileError",
     "LoadedNetwork",
     "read_keras_h5",
@@ -58,6 +60,11 @@ _RESERVED = (FORMAT_KEY, CONFIG_KEY)
 #: checkpoint: every output made with it says so (see ``python -m synthsr_bids.training ship``).
 STATUS_METADATA = "synthsr_bids.status"
 PREVIEW_STATUS = "preview"
+#: Free metadata key: whether this model's outputs should be unsharp-masked ("true"/"false").
+#: Written by ``python -m synthsr_bids.training ship`` ([regression].output_sharpening); files
+#: without it (the official Keras models) get mri_synthsr's post-processing, i.e. sharpening.
+SHARPEN_METADATA = "synthsr_bids.sharpen"
+_BOOLEAN_TEXT = {"true": True, "false": False}
 
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 _BN_PARAMS = {"weight": "gamma", "bias": "beta", "running_mean": "moving_mean", "running_var": "moving_variance"}
@@ -81,6 +88,26 @@ class LoadedNetwork:
     config: UNetConfig
     source_sha256: str
     metadata: dict[str, str]
+
+    @property
+    def sharpen(self) -> bool:
+        """Whether the model's outputs should be sharpened (see :func:`recommended_sharpening`)."""
+        return recommended_sharpening(self.metadata)
+
+
+def recommended_sharpening(metadata: Mapping[str, str]) -> bool:
+    """The post-processing a weight file asks for: its ``synthsr_bids.sharpen`` metadata, else True.
+
+    Raises:
+        ValueError: the value is neither ``true`` nor ``false``.
+    """
+    text = metadata.get(SHARPEN_METADATA)
+    if text is None:
+        return True
+    try:
+        return _BOOLEAN_TEXT[text.strip().lower()]
+    except KeyError:
+        raise ValueError(f"metadata {SHARPEN_METADATA!r} must be 'true' or 'false', got {text!r}") from None
 
 
 # ---------------------------------------------------------------------------- Keras naming
@@ -422,6 +449,10 @@ def _read_safetensors(path: Path) -> tuple[SynthSRUNet, dict[str, str]]:
         model.load_for_inference(state)
     except (KeyError, ValueError) as exc:
         raise WeightFileError(path, f"tensors do not fit the stored configuration: {exc}") from exc
+    try:
+        recommended_sharpening(metadata)
+    except ValueError as exc:
+        raise WeightFileError(path, str(exc)) from exc
     return model, {k: v for k, v in metadata.items() if k not in _RESERVED}
 
 

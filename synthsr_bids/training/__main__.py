@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: no checkpoint in {run_dir} (train first)", file=sys.stderr)
                 return 66
         if args.command == "export":
-            out = export_from_checkpoint(ckpt, args.output or run_dir / "model.safetensors", average=not args.raw)
+            out = export_from_checkpoint(ckpt, args.output or run_dir / "model.safetensors", average=not args.raw,
+                                         sharpen=config.regression.output_sharpening)
             print(out)
             return 0
         if args.command == "ship":
@@ -129,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 shipped = ship_run(run_dir, ckpt, version=args.version, package_data=args.package_data,
-                                   preview=args.preview, average=not args.raw)
+                                   preview=args.preview, average=not args.raw,
+                                   sharpen=config.regression.output_sharpening)
             except ShipError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 return 65

@@ -109,6 +109,9 @@ class NetworkStage:
     #: regression only: > 0 keeps an exponential moving average of the weights (spanning ~1/(1 - ema_decay)
     #: steps, :mod:`.ema`), validated next to the raw weights and exported instead of them; 0 = off
     ema_decay: float = 0.0
+    #: regression only: whether inference should unsharp-mask this model's outputs (mri_synthsr's post-processing);
+    #: written into every exported weight file (``synthsr_bids.sharpen``), which the pipeline follows by default
+    output_sharpening: bool = True
 
     def learning_rate(self, step: int) -> float:
         """The learning rate of (0-based) ``step``: warm-up, then the schedule.

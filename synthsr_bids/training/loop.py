@@ -41,7 +41,7 @@ from filelock import FileLock, Timeout
 
 from ..models.network import SynthSRUNet, UNetConfig
 from ..io import copy_file_atomic, write_atomic
-from ..models.weights import LoadedNetwork, load_weights, save_safetensors, sha256_file
+from ..models.weights import SHARPEN_METADATA, LoadedNetwork, load_weights, save_safetensors, sha256_file
 from .config import NetworkStage, TrainingConfig
 from .ema import AverageUnavailable, WeightAverage, ema_path
 from .parallel import SINGLE, ProcessGroup
@@ -247,8 +247,12 @@ def image_head_only(model: SynthSRUNet) -> SynthSRUNet:
     return single
 
 
-def export_regression(model: SynthSRUNet, path: Path, *, metadata: dict[str, str]) -> Path:
-    """Write the regression U-Net (image channel only) as float16 safetensors (atomic) via models/weights.py."""
+def export_regression(model: SynthSRUNet, path: Path, *, metadata: dict[str, str], sharpen: bool) -> Path:
+    """Write the regression U-Net (image channel only) as float16 safetensors (atomic) via models/weights.py.
+
+    ``sharpen``: the post-processing the file asks inference for (``[regression].output_sharpening``).
+    """
+    metadata = {**metadata, SHARPEN_METADATA: "true" if sharpen else "false"}
     save_safetensors(image_head_only(model), path, metadata, dtype=torch.float16)
     return path
 
@@ -754,7 +758,8 @@ class Trainer:
         path.parent.mkdir(parents=True, exist_ok=True)
         gen = self.config.generator
         averaged = self.averaged_regressor()
-        return export_regression(self.regressor if averaged is None else averaged, path, metadata={
+        return export_regression(self.regressor if averaged is None else averaged, path,
+                                 sharpen=self.config.regression.output_sharpening, metadata={
             "synthsr_bids.weights": "raw" if self.reg_ema is None else self.reg_ema.describe(),
             "synthsr_bids.role": "regression",
             "synthsr_bids.trained_steps": str(self.step if self.stage == "regression" else self.config.regression.steps),
@@ -1055,11 +1060,11 @@ def regressor_from_checkpoint(checkpoint: Path, *, average: bool = True) -> Chec
     return CheckpointRegressor(model=image_head_only(model), steps=int(state["step"]), weights=weights)
 
 
-def export_from_checkpoint(checkpoint: Path, output: Path, *, average: bool = True) -> Path:
+def export_from_checkpoint(checkpoint: Path, output: Path, *, sharpen: bool, average: bool = True) -> Path:
     """Export the regression weights of a training checkpoint as float16 safetensors (``average``: see
-    :func:`regressor_from_checkpoint`)."""
+    :func:`regressor_from_checkpoint`; ``sharpen``: see :func:`export_regression`)."""
     regressor = regressor_from_checkpoint(checkpoint, average=average)
-    return export_regression(regressor.model, Path(output), metadata={
+    return export_regression(regressor.model, Path(output), sharpen=sharpen, metadata={
         "synthsr_bids.role": "regression",
         "synthsr_bids.trained_steps": str(regressor.steps),
         "synthsr_bids.weights": regressor.weights,

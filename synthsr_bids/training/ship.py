@@ -39,6 +39,7 @@ from synthsr_bids.models.weights import (
 from .loop import (
     SYNTHESIS_OUTPUT_SCALE,
     TrainingError,
+    export_regression,
     regressor_from_checkpoint,
     segmenter_metadata,
 )
@@ -69,7 +70,8 @@ class ShippedModel:
     steps: int
 
 
-def _write_regression(checkpoint: Path, path: Path, *, version: str, preview: bool, average: bool = True) -> int:
+def _write_regression(checkpoint: Path, path: Path, *, version: str, preview: bool, sharpen: bool,
+                      average: bool = True) -> int:
     try:
         regressor = regressor_from_checkpoint(checkpoint, average=average)
     except TrainingError as exc:
@@ -86,7 +88,7 @@ def _write_regression(checkpoint: Path, path: Path, *, version: str, preview: bo
     }
     if preview:
         metadata[STATUS_METADATA] = PREVIEW_STATUS
-    save_safetensors(model, path, metadata, dtype=torch.float16)
+    export_regression(model, path, metadata=metadata, sharpen=sharpen)
     return steps
 
 
@@ -117,12 +119,14 @@ def _entry(template: dict[str, Any], *, name: str, version: str, filename: str, 
 
 
 def ship_run(run_dir: Path, checkpoint: Path, *, version: str, package_data: Path,
-             preview: bool = False, average: bool = True) -> list[ShippedModel]:
+             preview: bool = False, average: bool = True, sharpen: bool = True) -> list[ShippedModel]:
     """Export ``checkpoint`` and the run's segmenter into ``package_data`` and update its ``models.json``.
 
     ``preview`` marks the synthesis model as an early checkpoint: every output made with it
     carries a note saying so (and the log a warning). ``average``: ship the run's weight average
     when it keeps one (False: the raw weights of the checkpoint; see ``regressor_from_checkpoint``).
+    ``sharpen``: whether the pipeline sharpens this model's outputs by default
+    (``[regression].output_sharpening``, recorded in the weight file).
     """
     if not _VERSION_RE.match(version):
         raise ShipError(f"version {version!r}: use letters, digits, '.', '+' and '-' (e.g. 0.1.0.dev5000)")
@@ -138,7 +142,8 @@ def ship_run(run_dir: Path, checkpoint: Path, *, version: str, package_data: Pat
     seg_file = out_dir / f"{SEGMENTATION_NAME}_v{version}.safetensors"
     seg_steps = _write_segmenter(run_dir / "segmenter.safetensors", seg_file, version=version)
     reg_file = out_dir / f"{REGRESSION_NAME}_v{version}.safetensors"
-    reg_steps = _write_regression(checkpoint, reg_file, version=version, preview=preview, average=average)
+    reg_steps = _write_regression(checkpoint, reg_file, version=version, preview=preview, sharpen=sharpen,
+                                  average=average)
     for name, path, steps in ((REGRESSION_NAME, reg_file, reg_steps), (SEGMENTATION_NAME, seg_file, seg_steps)):
         shipped.append(ShippedModel(name, path, path.stat().st_size, sha256_file(path), steps))
 
