@@ -103,7 +103,7 @@ def _conversion_cache(sha256: str, work_dir: Path) -> Path:
 def load_network(config: RunConfig) -> Network:
     """Resolve ``--model`` (never downloads) and load the weights."""
     from synthsr_bids.models.registry import resolve_model
-    from synthsr_bids.models.weights import PREVIEW_STATUS, STATUS_METADATA, load_weights
+    from synthsr_bids.models.weights import PREVIEW_STATUS, SHARPEN_METADATA, STATUS_METADATA, load_weights
 
     resolved = resolve_model(config.inference.model)
     loaded = load_weights(resolved.path, cache_dir=_conversion_cache(resolved.sha256, config.work_dir))
@@ -124,8 +124,13 @@ def load_network(config: RunConfig) -> Network:
     sharpen = config.inference.sharpen
     if sharpen is None:
         sharpen = loaded.sharpen
-        LOGGER.info("sharpening %s (as model %s asks; --%s-sharpening to change it)", "on" if sharpen else "off",
-                    resolved.name, "disable" if sharpen else "enable")
+        why = (f"as model {resolved.name} asks" if SHARPEN_METADATA in loaded.metadata
+               else f"model {resolved.name} does not say: mri_synthsr's default")
+        LOGGER.info("sharpening %s (%s; --%s-sharpening to change it)", "on" if sharpen else "off", why,
+                    "disable" if sharpen else "enable")
+    elif sharpen != loaded.sharpen:
+        LOGGER.info("sharpening %s (command line), although model %s asks for it %s", "on" if sharpen else "off",
+                    resolved.name, "on" if loaded.sharpen else "off")
     return Network(model=loaded.model, info=info, in_channels=loaded.config.in_channels, notes=notes,
                    sharpen=sharpen)
 

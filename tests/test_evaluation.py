@@ -457,6 +457,23 @@ def test_cli_skips_missing_parts_and_says_so(tmp_path: Path, capsys):
     assert "nothing was evaluated" in captured.err and "patient directory does not exist" in captured.err
 
 
+def test_cli_sharpening_flags_override_the_weight_file(tmp_path: Path, capsys):
+    patient = write_phantom_patient(tmp_path / "p")
+    plain = scaled_identity_model(tmp_path / "plain.safetensors", {"synthsr_bids.sharpen": "false"})
+    out = tmp_path / "eval.json"
+    for flag, expected in (("--sharpen", True), ("--no-sharpen", False)):
+        code = main(["--model", str(plain), "--patient-dir", str(patient), "--synthetic-cases", "0", "--no-progress",
+                     "--threads", "1", "--output-json", str(out), flag])
+        assert code == 0
+        assert f"sharpening {'on' if expected else 'off'})" in capsys.readouterr().out
+        doc = json.loads(out.read_text())
+        assert doc["settings"]["sharpen"] is expected
+        t1 = next(c for c in doc["cases"] if c["name"] == "T1 1mm")["methods"]
+        # Unsharpened, the identity model reproduces its input; sharpened, it does not quite.
+        gap = 1.0 - t1["model"]["brain"]["r"]
+        assert (gap > 1e-4) if expected else (gap < 1e-6)
+
+
 def test_cli_missing_model_names_the_file_and_the_fix(tmp_path: Path, capsys):
     missing = tmp_path / "no-such-model.safetensors"
     code = main(["--model", str(missing), "--synthetic-cases", "0"])

@@ -335,7 +335,10 @@ def test_sharpening_follows_the_model_unless_the_command_line_says(tmp_path, mod
         asked = run(tmp_path / "asked")
     assert "sharpening off (as model" in caplog.text
     forced_off = run(tmp_path / "off", "--disable-sharpening")
-    sharpened = run(tmp_path / "on", "--enable-sharpening")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="synthsr_bids"):
+        sharpened = run(tmp_path / "on", "--enable-sharpening")
+    assert "sharpening on (command line), although model plain asks for it off" in caplog.text
     default_file = run(tmp_path / "file-default", model=models["identity"])  # no metadata: mri_synthsr's sharpening
     for name, image in asked.items():
         np.testing.assert_array_equal(image, forced_off[name])

@@ -108,6 +108,7 @@ def test_default_config_file_parses_and_is_consistent():
     assert config.data.validation_aliases == {29: 2, 31: 4}
     assert dict(config.generator.contrast_probs)["random"] == 0.5
     assert config.generator.crop_shape == (96, 96, 96)
+    assert config.regression.output_sharpening is False  # measured: MODEL_CARD.md, "Post-processing"
 
 
 def test_config_errors_name_the_file_and_key(tmp_path: Path):
@@ -120,6 +121,8 @@ def test_config_errors_name_the_file_and_key(tmp_path: Path):
         load_config(bad)
     with pytest.raises(ConfigError, match="section.key=value"):
         load_config(None, overrides=["threads=2"])
+    with pytest.raises(ConfigError, match=r"\[segmentation\]\.output_sharpening.*regression stage"):
+        load_config(None, overrides=["segmentation.output_sharpening=false"])
 
 
 def test_learning_rate_schedule_warmup_and_cosine():
@@ -561,9 +564,11 @@ def test_command_line_train_and_export(tmp_path: Path):
     assert load_weights(out).config.base_features == 4
     assert load_weights(out).metadata["synthsr_bids.weights"] == "ema 0.9 over 2 steps"  # the weight average
     assert load_weights(out).sharpen is True  # [regression].output_sharpening defaults to mri_synthsr's
-    done = subprocess.run(cmd + ["export", "--config", str(toml), "--output", str(out), "--raw"], capture_output=True,
-                          text=True, timeout=300)
+    done = subprocess.run(cmd + ["export", "--config", str(toml), "--output", str(out), "--raw",
+                                 "--set", "regression.output_sharpening=false"], capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 0 and load_weights(out).metadata["synthsr_bids.weights"] == "raw"
+    assert load_weights(out).sharpen is False and "ask inference not to sharpen" in done.stderr
 
     # report: curves from the logs, the validation sample through the newest checkpoint
     done = subprocess.run(cmd + ["report", "--config", str(toml)], capture_output=True, text=True, timeout=300)

@@ -452,7 +452,8 @@ def _read_safetensors(path: Path) -> tuple[SynthSRUNet, dict[str, str]]:
     try:
         recommended_sharpening(metadata)
     except ValueError as exc:
-        raise WeightFileError(path, str(exc)) from exc
+        raise WeightFileError(path, f"{exc}; export the file again with `python -m synthsr_bids.training export` "
+                                    "([regression].output_sharpening) or fix the key") from exc
     return model, {k: v for k, v in metadata.items() if k not in _RESERVED}
 
 

@@ -120,6 +120,9 @@ def main(argv: list[str] | None = None) -> int:
             if ckpt is None:
                 print(f"error: no checkpoint in {run_dir} (train first)", file=sys.stderr)
                 return 66
+            LOGGER.info("the exported weights ask inference %s sharpen their outputs ([regression].output_sharpening "
+                        "of %s)", "to" if config.regression.output_sharpening else "not to",
+                        args.config or "the built-in defaults")
         if args.command == "export":
             out = export_from_checkpoint(ckpt, args.output or run_dir / "model.safetensors", average=not args.raw,
                                          sharpen=config.regression.output_sharpening)

@@ -301,6 +301,9 @@ def _validate(config: TrainingConfig, where: str) -> None:
             raise ConfigError(f"{where} [{stage_name}].ema_decay must be in [0, 1), got {stage.ema_decay}")
         if stage_name == "segmentation" and stage.ema_decay > 0:
             raise ConfigError(f"{where} [segmentation].ema_decay: the weight average belongs to the regression stage")
+        if stage_name == "segmentation" and not stage.output_sharpening:
+            raise ConfigError(f"{where} [segmentation].output_sharpening: the post-processing of synthetic images "
+                              "belongs to the regression stage")
         if stage.init_weights is not None and stage.steps == 0:
             raise ConfigError(f"{where} [{stage_name}].init_weights is set but steps = 0: nothing would be trained")
         multiple = 2 ** (stage.n_levels - 1)

@@ -119,7 +119,7 @@ def _entry(template: dict[str, Any], *, name: str, version: str, filename: str, 
 
 
 def ship_run(run_dir: Path, checkpoint: Path, *, version: str, package_data: Path,
-             preview: bool = False, average: bool = True, sharpen: bool = True) -> list[ShippedModel]:
+             sharpen: bool, preview: bool = False, average: bool = True) -> list[ShippedModel]:
     """Export ``checkpoint`` and the run's segmenter into ``package_data`` and update its ``models.json``.
 
     ``preview`` marks the synthesis model as an early checkpoint: every output made with it
