@@ -1,22 +1,27 @@
 """What limits a synthesis model: the network itself, measured on inputs it should find easy.
 
 The evaluation (``python -m synthsr_bids.evaluation``) scores hard cases (thick slices, other
-contrasts, lesions, a real patient). This diagnostic asks two simpler questions, whose answers
-say whether more training (or a bigger network) is what is missing:
+contrasts, lesions, a real patient). This diagnostic asks simpler questions, whose answers say
+whether more training (or a bigger network) is what is missing, and how far real scans are from
+the synthetic ones:
 
-1. **Clean synthetic T1 -> its own target.** Held-out label maps rendered by the training
-   generator as a clean 1 mm T1-like input (T1 priors, no bias, no noise, no gamma, no lesions,
-   no spatial augmentation); reference: the generator's synthetic T1 target of the same map.
-   A well-trained model reproduces the target (r close to 1); the input itself is the baseline:
-   a model that scores below its input is losing information the input has.
-2. **Equivalent blur.** The Gaussian blur (sigma, mm) of the reference whose result correlates
+1. **Clean synthetic input -> its own target.** Held-out label maps rendered by the training
+   generator as a clean 1 mm input of one contrast family (``--contrasts``: the generator's T1,
+   T2, FLAIR or PD priors; no bias, no noise, no gamma, no lesions, no spatial augmentation);
+   reference: the generator's synthetic T1 target of the same map. A well-trained model
+   reproduces the target (r close to 1); for T1 inputs the input itself is the baseline: a model
+   that scores below its input is losing information the input has.
+2. **The same contrast on a real scan.** patient07's real 1 mm T1, T2 and FLAIR -> its real T1.
+   The difference between a contrast's synthetic and real rows is the domain gap of that
+   contrast (what the generator does not simulate); the synthetic rows are the network's limit.
+3. **Equivalent blur.** The Gaussian blur (sigma, mm) of the reference whose result correlates
    best with the prediction (searched on a grid up to 4 mm), and that best r. A sharp model scores
    about the targets' own 0.5-voxel blur (the synthetic reference already has it: ~0); a blurred
    one scores more, and the best r says how much is left once the blur is accounted for
    (intensity errors, wrong anatomy).
 
 Data: ``../shared/data`` next to the repository (SynthSR's held-out maps; the open_ms_data patient
-for the real T1 row). Example::
+for the real rows). Example::
 
     python benchmarks/diagnose_synthesis.py --model /tmp/model.safetensors --cases 3 --threads 2
 """
@@ -33,12 +38,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 DATA = REPO.parent / "shared" / "data"
 BLUR_GRID_MM = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0)
-#: Generator settings of the clean 1 mm T1 inputs (on top of the evaluation's: no spatial augmentation).
-CLEAN_T1 = {
-    "contrast_probs": (("t1", 1.0),), "bias_std_max": 0.0, "gamma_std": 0.0, "noise_max": 0.0,
-    "isotropic_prob": 1.0, "isotropic_spacing": (1.0, 1.0), "plaque_prob": 0.0, "stroke_prob": 0.0,
-    "tumour_prob": 0.0,
+#: Generator settings of the clean 1 mm inputs (on top of the evaluation's: no spatial augmentation).
+CLEAN = {
+    "bias_std_max": 0.0, "gamma_std": 0.0, "noise_max": 0.0, "isotropic_prob": 1.0, "isotropic_spacing": (1.0, 1.0),
+    "plaque_prob": 0.0, "stroke_prob": 0.0, "tumour_prob": 0.0,
 }
+#: Generator contrast family -> patient07's 1 mm case of that contrast (None: no real scan).
+REAL_CASE = {"t1": "T1 1mm", "t2": "T2 1mm", "flair": "FLAIR 1mm", "pd": None}
 
 
 def equivalent_blur(prediction: np.ndarray, reference: np.ndarray, mask: np.ndarray,
@@ -53,42 +59,50 @@ def equivalent_blur(prediction: np.ndarray, reference: np.ndarray, mask: np.ndar
     return sigma, r
 
 
-def synthetic_rows(model, options, label_dir: Path, count: int) -> list[tuple[str, ...]]:  # type: ignore[no-untyped-def]
-    from synthsr_bids.evaluation.cases import synthetic_cases
+def _row(name: str, prediction: np.ndarray, target: np.ndarray, given: np.ndarray, brain: np.ndarray,
+         started: float) -> tuple[str, ...]:
     from synthsr_bids.evaluation.metrics import image_metrics
+
+    ours = image_metrics(prediction, target, brain)
+    baseline = image_metrics(given, target, brain)
+    sigma, r_blurred = equivalent_blur(prediction, target, brain)
+    print(f"# {name}: model r {ours.r:.3f}, input r {baseline.r:.3f}", file=sys.stderr, flush=True)
+    return (name, f"{ours.r:.3f} / {ours.ssim:.3f}", f"{baseline.r:.3f} / {baseline.ssim:.3f}", f"{sigma:g}",
+            f"{r_blurred:.3f}", f"{time.perf_counter() - started:.1f}")
+
+
+def synthetic_rows(model, options, label_dir: Path, count: int,  # type: ignore[no-untyped-def]
+                   contrast: str = "t1") -> list[tuple[str, ...]]:
+    from synthsr_bids.evaluation.cases import synthetic_cases
     from synthsr_bids.inference.predict import synthesize
 
     rows = []
-    for case in synthetic_cases(label_dir, count, overrides=CLEAN_T1):
+    for case in synthetic_cases(label_dir, count, overrides={**CLEAN, "contrast_probs": ((contrast, 1.0),)}):
         started = time.perf_counter()
         result = synthesize(case.input.data, case.input.affine, model, options)
         if result.data.shape != case.reference.shape:
             raise SystemExit(f"{case.name}: prediction {result.data.shape} != reference {case.reference.shape}")
-        target, brain = case.reference.data, case.brain_mask
-        ours = image_metrics(result.data, target, brain)
-        given = image_metrics(case.input.data, target, brain)
-        sigma, r_blurred = equivalent_blur(result.data, target, brain)
-        rows.append((case.name, f"{ours.r:.3f} / {ours.ssim:.3f}", f"{given.r:.3f} / {given.ssim:.3f}",
-                     f"{sigma:g}", f"{r_blurred:.3f}", f"{time.perf_counter() - started:.1f}"))
-        print(f"# {case.name}: model r {ours.r:.3f}, input r {given.r:.3f}", file=sys.stderr, flush=True)
+        rows.append(_row(f"{case.name}, synthetic {contrast}", result.data, case.reference.data, case.input.data,
+                         case.brain_mask, started))
     return rows
 
 
-def patient_row(model, options, patient_dir: Path) -> tuple[str, ...]:  # type: ignore[no-untyped-def]
+def patient_rows(model, options, patient_dir: Path, names: list[str]) -> list[tuple[str, ...]]:  # type: ignore[no-untyped-def]
     from synthsr_bids.evaluation.cases import patient_cases
-    from synthsr_bids.evaluation.metrics import image_metrics
     from synthsr_bids.evaluation.volume import resample_onto
     from synthsr_bids.inference.predict import synthesize
 
-    case = next(c for c in patient_cases(patient_dir) if c.input is c.reference)  # the real 1 mm T1 -> T1 row
-    started = time.perf_counter()
-    result = synthesize(case.input.data, case.input.affine, model, options)
-    prediction = resample_onto(result.data, result.affine, case.reference.shape, case.reference.affine, order=1)
-    brain = case.brain_mask
-    ours = image_metrics(prediction, case.reference.data, brain)
-    sigma, r_blurred = equivalent_blur(prediction, case.reference.data, brain)
-    return (f"{patient_dir.name} real T1 1mm", f"{ours.r:.3f} / {ours.ssim:.3f}", "1.000 / 1.000",
-            f"{sigma:g}", f"{r_blurred:.3f}", f"{time.perf_counter() - started:.1f}")
+    rows = []
+    for case in patient_cases(patient_dir):
+        if case.name not in names:
+            continue
+        started = time.perf_counter()
+        result = synthesize(case.input.data, case.input.affine, model, options)
+        prediction = resample_onto(result.data, result.affine, case.reference.shape, case.reference.affine, order=1)
+        given = resample_onto(case.input.data, case.input.affine, case.reference.shape, case.reference.affine, order=1)
+        rows.append(_row(f"{patient_dir.name} real {case.name}", prediction, case.reference.data, given,
+                         case.brain_mask, started))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--label-maps", type=Path, default=DATA / "synthsr" / "label_maps")
     parser.add_argument("--patient-dir", type=Path, default=DATA / "open_ms_data" / "patient07")
     parser.add_argument("--cases", type=int, default=3, help="clean synthetic cases (one per map, cycling)")
+    parser.add_argument("--contrasts", nargs="+", choices=sorted(REAL_CASE), default=["t1", "t2", "flair"],
+                        help="generator contrast families of the clean synthetic inputs (and their real rows)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args(argv)
 
@@ -109,13 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     loaded = load_model(args.model)
     # As the pipeline runs it: flip averaging, and sharpening when the weight file asks for it.
     options = SynthesisOptions(sharpen=loaded.sharpen)
-    rows = synthetic_rows(loaded.network, options, args.label_maps, args.cases)
+    rows = []
+    for contrast in args.contrasts:
+        rows += synthetic_rows(loaded.network, options, args.label_maps, args.cases, contrast)
+    real = [REAL_CASE[c] for c in args.contrasts if REAL_CASE[c]]
     if args.patient_dir.is_dir():
-        rows.append(patient_row(loaded.network, options, args.patient_dir))
+        rows += patient_rows(loaded.network, options, args.patient_dir, real)
     else:
-        print(f"# no patient directory {args.patient_dir}: real T1 row skipped", file=sys.stderr)
+        print(f"# no patient directory {args.patient_dir}: real rows skipped", file=sys.stderr)
     print(f"Model: {loaded.info.name} (sha256 {loaded.info.sha256[:12]}; sharpening {'on' if loaded.sharpen else 'off'})\n")
-    print("| case (clean 1 mm T1-like input) | model r / SSIM | input r / SSIM (baseline) "
+    print("| case (clean 1 mm input) | model r / SSIM | input r / SSIM (baseline for T1) "
           "| equivalent blur of the reference (sigma, mm) | r at that blur | time (s) |")
     print("|---|---|---|---|---|---|")
     for row in rows:
