@@ -26,6 +26,12 @@ def test_default_models_are_shipped_intact_under_a_permissive_license(name: str,
     assert resolved.path.stat().st_size < 20 * 2**20  # weight files in git stay small
 
 
+def test_bundled_synthesis_model_asks_for_no_sharpening(tmp_path: Path) -> None:
+    """MODEL_CARD.md ("Post-processing") and the --help text say so; configs/default.toml decides it."""
+    loaded = load_weights(resolve_model(DEFAULT_MODEL, cache_dir=tmp_path).path)
+    assert loaded.metadata["synthsr_bids.sharpen"] == "false" and loaded.sharpen is False
+
+
 def test_bundled_segmenter_meets_the_morphometry_contract(tmp_path: Path) -> None:
     loaded = load_weights(resolve_model(DEFAULT_SEGMENTATION_MODEL, cache_dir=tmp_path).path)
     segmenter = segmenter_from_network(loaded.model, loaded.metadata, name=DEFAULT_SEGMENTATION_MODEL, sha256="-")
