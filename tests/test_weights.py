@@ -27,6 +27,7 @@ from synthsr_bids.models.weights import (
     keras_name_map,
     load_weights,
     recommended_sharpening,
+    sharpening_metadata,
     read_keras_h5,
     save_safetensors,
     sha256_file,
@@ -247,6 +248,7 @@ def test_a_weight_file_says_whether_its_outputs_are_sharpened(tmp_path: Path, va
     save_safetensors(load_weights(path).model, out, {} if value is None else {SHARPEN_METADATA: value})
     assert load_weights(out).sharpen is expected
     assert recommended_sharpening({} if value is None else {SHARPEN_METADATA: value}) is expected
+    assert recommended_sharpening(sharpening_metadata(expected)) is expected  # what exports write reads back
 
 
 def test_a_bad_sharpening_value_is_named(tmp_path: Path):

@@ -40,6 +40,7 @@ __all__ = [
     "PREVIEW_STATUS",
     "SHARPEN_METADATA",
     "recommended_sharpening",
+    "sharpening_metadata",
     "WeightFileError",
     "LoadedNetwork",
     "read_keras_h5",
@@ -93,6 +94,12 @@ class LoadedNetwork:
     def sharpen(self) -> bool:
         """Whether the model's outputs should be sharpened (see :func:`recommended_sharpening`)."""
         return recommended_sharpening(self.metadata)
+
+
+def sharpening_metadata(sharpen: bool) -> dict[str, str]:
+    """The metadata entry that makes a weight file ask for (or against) sharpening; read back by
+    :func:`recommended_sharpening`."""
+    return {SHARPEN_METADATA: "true" if sharpen else "false"}
 
 
 def recommended_sharpening(metadata: Mapping[str, str]) -> bool:

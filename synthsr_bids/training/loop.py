@@ -41,7 +41,7 @@ from filelock import FileLock, Timeout
 
 from ..models.network import SynthSRUNet, UNetConfig
 from ..io import copy_file_atomic, write_atomic
-from ..models.weights import SHARPEN_METADATA, LoadedNetwork, load_weights, save_safetensors, sha256_file
+from ..models.weights import LoadedNetwork, load_weights, save_safetensors, sha256_file, sharpening_metadata
 from .config import NetworkStage, TrainingConfig
 from .ema import AverageUnavailable, WeightAverage, ema_path
 from .parallel import SINGLE, ProcessGroup
@@ -252,7 +252,7 @@ def export_regression(model: SynthSRUNet, path: Path, *, metadata: dict[str, str
 
     ``sharpen``: the post-processing the file asks inference for (``[regression].output_sharpening``).
     """
-    metadata = {**metadata, SHARPEN_METADATA: "true" if sharpen else "false"}
+    metadata = {**metadata, **sharpening_metadata(sharpen)}
     save_safetensors(image_head_only(model), path, metadata, dtype=torch.float16)
     return path
 
