@@ -10,14 +10,18 @@ Measures, in one run and on the same machine, regression training samples per se
   (what a data-parallel run, or two paired A/B arms, would get out of the same cores);
 * ``P procs, compile``: the same with ``[run].compile`` (torch.compile of the training forward
   passes; the compilation, or its on-disk cache, is in the untimed warm-up step);
+* ``P procs, compile, Dice every Nth step``: the same with ``[regression].seg_loss_interval = N``
+  (``--seg-loss-interval``; the frozen segmenter's loss on one step in N, weighted N times);
 
-and prints each as a ratio to the baseline. The network, crop, frozen-segmenter loss and autocast
-are those of ``--config`` (default: ``configs/default.toml``); the segmenter is untrained (its cost is
-the same) and nothing is written to the run directory. Only the first ``--maps`` training maps are
-loaded (the step cost does not depend on their number). Stop other CPU work (the background training)
-first, or the ratios measure it too::
+and prints each as a ratio to the first one measured (``--plans`` picks which; all by default).
+The network, crop, frozen-segmenter loss and autocast are those of ``--config`` (default:
+``configs/default.toml``); the segmenter is untrained (its cost is the same) and nothing is written
+to the run directory. Only the first ``--maps`` training maps are loaded (the step cost does not
+depend on their number). Stop other CPU work (the background training) first, or the ratios
+measure it too::
 
     python benchmarks/bench_training_throughput.py --steps 12 --batch 2 --procs 2
+    python benchmarks/bench_training_throughput.py --steps 12 --plans compile interval --seg-loss-interval 4
 """
 
 from __future__ import annotations
@@ -31,10 +35,12 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+#: ``--plans`` keys, in the default order.
+PLANS = ("baseline", "keep", "batch", "procs", "compile", "interval")
 
 
 def _trainer(config_path: Path, *, threads: int, batch: int, maps: int,  # type: ignore[no-untyped-def]
-             compile: bool = False):
+             compile: bool = False, seg_loss_interval: int | None = None):
     import torch
 
     from synthsr_bids.training.config import load_config
@@ -47,6 +53,8 @@ def _trainer(config_path: Path, *, threads: int, batch: int, maps: int,  # type:
 
     config = load_config(config_path, overrides=[f"run.threads={threads}", f"regression.batch_size={batch}",
                                                  f"run.compile={str(compile).lower()}",
+                                                 *([f"regression.seg_loss_interval={seg_loss_interval}"]
+                                                   if seg_loss_interval else []),
                                                  "run.dir=\"/nonexistent-benchmark-run\""])
     scheme = label_scheme(config)
     volumes = load_volumes(find_label_maps(config.data.training_maps)[:maps], scheme)
@@ -57,7 +65,7 @@ def _trainer(config_path: Path, *, threads: int, batch: int, maps: int,  # type:
 
 
 def worker(config_path: Path, *, threads: int, batch: int, steps: int, maps: int, keep_memory: bool,
-           compile: bool = False) -> dict[str, float]:
+           compile: bool = False, seg_loss_interval: int | None = None) -> dict[str, float]:
     """Time ``steps`` regression steps (after one warm-up step); returns samples/s and median s/step."""
     import resource
 
@@ -65,8 +73,11 @@ def worker(config_path: Path, *, threads: int, batch: int, steps: int, maps: int
 
     if keep_memory and not keep_freed_memory():
         raise SystemExit("keep_freed_memory() is not available here (not glibc)")
-    trainer = _trainer(config_path, threads=threads, batch=batch, maps=maps, compile=compile)
+    trainer = _trainer(config_path, threads=threads, batch=batch, maps=maps, compile=compile,
+                       seg_loss_interval=seg_loss_interval)
     trainer.train_step()  # warm-up: allocator, oneDNN kernels, compilation
+    if seg_loss_interval:
+        trainer.train_step()  # ... of a step without the segmenter's term too
     durations = []
     faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     started = time.perf_counter()
@@ -81,10 +92,11 @@ def worker(config_path: Path, *, threads: int, batch: int, steps: int, maps: int
 
 
 def _run_workers(args: argparse.Namespace, *, procs: int, threads: int, batch: int, keep_memory: bool,
-                 compile: bool = False) -> dict[str, float]:
+                 compile: bool = False, seg_loss_interval: int | None = None) -> dict[str, float]:
     cmd = [sys.executable, __file__, "--worker", "--config", str(args.config), "--threads", str(threads),
            "--batch", str(batch), "--steps", str(args.steps), "--maps", str(args.maps),
-           *(["--keep-memory"] if keep_memory else []), *(["--compile"] if compile else [])]
+           *(["--keep-memory"] if keep_memory else []), *(["--compile"] if compile else []),
+           *(["--worker-seg-loss-interval", str(seg_loss_interval)] if seg_loss_interval else [])]
     children = [subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True) for _ in range(procs)]
     results = []
     for child in children:
@@ -105,31 +117,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=2, help="batch size of the 'batch N' configuration")
     parser.add_argument("--procs", type=int, default=2, help="processes of the 'P procs' configuration")
     parser.add_argument("--maps", type=int, default=2, help="training label maps to load")
+    parser.add_argument("--seg-loss-interval", type=int, default=4,
+                        help="N of the 'Dice every Nth step' configuration")
+    parser.add_argument("--plans", nargs="+", choices=PLANS, default=list(PLANS),
+                        help="configurations to measure, in this order (the first is the baseline of the ratios)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--keep-memory", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-seg-loss-interval", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
         print(json.dumps(worker(args.config, threads=args.threads, batch=args.batch, steps=args.steps, maps=args.maps,
-                                keep_memory=args.keep_memory, compile=args.compile)))
+                                keep_memory=args.keep_memory, compile=args.compile,
+                                seg_loss_interval=args.worker_seg_loss_interval)))
         return 0
+    if args.seg_loss_interval < 1:
+        parser.error("--seg-loss-interval must be >= 1")
     if args.threads % args.procs:
         parser.error("--threads must be a multiple of --procs")
     per_proc = args.threads // args.procs
-    plans = [("baseline", 1, args.threads, 1, False, False),
-             ("+ keep freed memory", 1, args.threads, 1, True, False),
-             (f"batch {args.batch}, keep", 1, args.threads, args.batch, True, False),
-             (f"{args.procs} procs x {per_proc} thread(s), keep", args.procs, per_proc, 1, True, False),
-             (f"{args.procs} procs x {per_proc} thread(s), keep, compile", args.procs, per_proc, 1, True, True)]
+    procs = f"{args.procs} procs x {per_proc} thread(s), keep"
+    every = args.seg_loss_interval
+    plans = {"baseline": ("baseline", 1, args.threads, 1, False, False, None),
+             "keep": ("+ keep freed memory", 1, args.threads, 1, True, False, None),
+             "batch": (f"batch {args.batch}, keep", 1, args.threads, args.batch, True, False, None),
+             "procs": (procs, args.procs, per_proc, 1, True, False, None),
+             "compile": (f"{procs}, compile", args.procs, per_proc, 1, True, True, None),
+             "interval": (f"{procs}, compile, Dice every {every}th step", args.procs, per_proc, 1, True, True, every)}
     rows = []
-    for name, procs, threads, batch, keep, compile in plans:
-        result = _run_workers(args, procs=procs, threads=threads, batch=batch, keep_memory=keep, compile=compile)
+    for key in args.plans:
+        name, procs_, threads, batch, keep, compile, interval = plans[key]
+        result = _run_workers(args, procs=procs_, threads=threads, batch=batch, keep_memory=keep, compile=compile,
+                              seg_loss_interval=interval)
         rows.append((name, result))
         print(f"# {name}: {result['samples_per_s']:.3f} samples/s, median step {result['median_step_s']:.2f} s",
               file=sys.stderr, flush=True)
     base = rows[0][1]["samples_per_s"]
     print(f"| configuration ({args.threads} cores, {args.steps} steps each) | samples/s | median s/step "
-          "| page faults/step | samples/s vs baseline |")
+          f"| page faults/step | samples/s vs {rows[0][0]} |")
     print("|---|---|---|---|---|")
     for name, result in rows:
         print(f"| {name} | {result['samples_per_s']:.3f} | {result['median_step_s']:.2f} | "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,7 @@ from synthsr_bids.training.losses import (
     softmax_dice_loss,
 )
 from synthsr_bids.training.phantoms import head_phantom
+from synthsr_bids.training.report import read_loss_log
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -302,6 +304,35 @@ def test_auxiliary_segmentation_outputs_train_and_are_dropped_at_export(tmp_path
     x = torch.rand(1, 1, 16, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.allclose(loaded.model(x), full(x)[:, :1], atol=1e-5)
+
+
+def test_segmenter_loss_every_nth_step_weighted_n_times(tmp_path: Path, volumes):
+    config = tiny_config(tmp_path / "run", seg_steps=1, reg_steps=5)
+    config = dataclasses.replace(config, regression=dataclasses.replace(config.regression, seg_loss_interval=2))
+    results = []
+    make_trainer(config, volumes).run(on_step=lambda r: results.append(r))
+    reg = [r for r in results if r.stage == "regression"]
+    assert [r.step for r in reg] == [1, 2, 3, 4, 5]
+    with_dice = [r for r in reg if r.step % 2 == 1]  # 0-based steps 0, 2, 4
+    without = [r for r in reg if r.step % 2 == 0]
+    # where the term is evaluated it weighs 2 x 0.25; elsewhere the loss is the L1 alone and no Dice is logged
+    assert all(0.0 < r.dice_loss < 1.0 for r in with_dice)
+    assert all(r.loss == pytest.approx(r.l1 + 0.5 * r.dice_loss, rel=1e-5) for r in with_dice)
+    assert all(math.isnan(r.dice_loss) and r.loss == pytest.approx(r.l1, rel=1e-6) for r in without)
+    rows = (tmp_path / "run" / "loss.csv").read_text().splitlines()
+    header = rows[0].split(",")
+    dice_column = {int(r.split(",")[header.index("step")]): r.split(",")[header.index("dice_loss")]
+                   for r in rows[1:] if r.split(",")[header.index("stage")] == "regression"}
+    assert dice_column[2] == dice_column[4] == "" and float(dice_column[3]) > 0
+    curve = read_loss_log(tmp_path / "run" / "loss.csv")["regression"]
+    assert np.isnan(curve.dice_loss[1]) and curve.dice_loss[2] > 0
+
+
+def test_segmenter_loss_interval_config_errors():
+    with pytest.raises(ConfigError, match="seg_loss_interval must be >= 1"):
+        load_config(None, overrides=["regression.seg_loss_interval=0"])
+    with pytest.raises(ConfigError, match="belongs to the regression stage"):
+        load_config(None, overrides=["segmentation.seg_loss_interval=2"])
 
 
 def test_auxiliary_outputs_can_be_switched_on_and_off_in_a_running_job(tmp_path: Path, volumes):

@@ -95,6 +95,10 @@ class NetworkStage:
     warmup_steps: int = 0  #: linear ramp from lr / warmup_steps up to lr over the first steps
     batch_size: int = 1
     seg_loss_weight: float = 0.25  #: regression only: weight of the frozen segmenter's soft Dice
+    #: regression only: the frozen segmenter's Dice term is evaluated on every ``seg_loss_interval``-th step only,
+    #: weighted ``seg_loss_interval x seg_loss_weight`` there: the same loss in expectation over steps, at about
+    #: 1/interval of the segmenter's cost (its forward and backward pass are ~40 % of a step on a CPU); 1 = every step
+    seg_loss_interval: int = 1
     #: regression only: > 0 adds one output channel per segmentation label to the regressor, trained with
     #: this weight x soft Dice against the label map (an auxiliary task; exports keep the image channel only)
     aux_seg_weight: float = 0.0
@@ -289,6 +293,11 @@ def _validate(config: TrainingConfig, where: str) -> None:
                               f"got {stage.lr_schedule!r}")
         if stage.aux_seg_weight < 0 or stage.seg_loss_weight < 0:
             raise ConfigError(f"{where} [{stage_name}]: loss weights must be >= 0")
+        if stage.seg_loss_interval < 1:
+            raise ConfigError(f"{where} [{stage_name}].seg_loss_interval must be >= 1, got {stage.seg_loss_interval}")
+        if stage_name == "segmentation" and stage.seg_loss_interval != 1:
+            raise ConfigError(f"{where} [segmentation].seg_loss_interval: the frozen-segmenter loss belongs to the "
+                              "regression stage")
         if not 0 <= stage.lr_min <= stage.lr or stage.warmup_steps < 0:
             raise ConfigError(f"{where} [{stage_name}]: 0 <= lr_min <= lr and warmup_steps >= 0 are required")
         if not 0 <= stage.target_input_prob <= 1 or stage.target_blur_max < 0:

@@ -443,11 +443,14 @@ class Trainer:
             assert self.regressor is not None and self.reg_opt is not None
             self.regressor.train()
             self.reg_opt.zero_grad(set_to_none=True)
-            segmenter = None if self.segmenter is None else self._for_training(self.segmenter)
+            # Every worker is at the same step, so all of them take (or skip) the segmenter's term together.
+            dice_step = self.step % stage_cfg.seg_loss_interval == 0
+            segmenter = None if self.segmenter is None or not dice_step else self._for_training(self.segmenter)
             with self._autocast():
                 pred = self._for_training(self.regressor)(self._to_net(batch.input))
                 terms = regression_loss(pred, batch.target.to(self.device), batch.labels.to(self.device),
-                                        segmenter=segmenter, seg_weight=stage_cfg.seg_loss_weight,
+                                        segmenter=segmenter,
+                                        seg_weight=stage_cfg.seg_loss_weight * stage_cfg.seg_loss_interval,
                                         aux_weight=stage_cfg.aux_seg_weight)
             terms.total.backward()
             self.group.average_gradients(self.regressor.parameters())
@@ -456,7 +459,8 @@ class Trainer:
             self.group.average_buffers(self.regressor)
             if self.reg_ema is not None:
                 self.reg_ema.update(self.regressor)
-            value, l1, dice = float(terms.total.detach()), terms.l1, terms.dice_loss
+            value, l1 = float(terms.total.detach()), terms.l1
+            dice = terms.dice_loss if segmenter is not None else math.nan  # nan: not evaluated at this step
             aux = terms.aux_dice_loss if stage_cfg.aux_seg_weight > 0 else math.nan
         t2 = time.perf_counter()
         value, l1, dice, aux = self.group.mean([value, l1, dice, aux])  # one step = every worker's sample
@@ -782,7 +786,8 @@ class Trainer:
                 writer.writerow(LOSS_COLUMNS)
             for r in rows:
                 writer.writerow([f"{time.time():.0f}", r.stage, r.step, r.global_step, f"{r.loss:.6f}",
-                                 "" if math.isnan(r.l1) else f"{r.l1:.6f}", f"{r.dice_loss:.6f}",
+                                 "" if math.isnan(r.l1) else f"{r.l1:.6f}",
+                                 "" if math.isnan(r.dice_loss) else f"{r.dice_loss:.6f}",
                                  f"{r.generator_seconds:.3f}", f"{r.network_seconds:.3f}",
                                  "" if math.isnan(r.aux_dice_loss) else f"{r.aux_dice_loss:.6f}"])
 

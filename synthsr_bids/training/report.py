@@ -79,7 +79,7 @@ def read_loss_log(path: Path) -> dict[str, LossCurve]:
     with path.open(newline="") as fh:
         for row in csv.DictReader(fh):
             rows.setdefault(row["stage"], []).append([
-                float(row["step"]), float(row["loss"]), float(row["l1"] or "nan"), float(row["dice_loss"]),
+                float(row["step"]), float(row["loss"]), float(row["l1"] or "nan"), float(row["dice_loss"] or "nan"),
                 float(row["generator_s"]) + float(row["network_s"]), float(row["time"])])
     curves = {}
     for stage, values in rows.items():
