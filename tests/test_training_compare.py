@@ -65,6 +65,25 @@ def test_different_first_step_is_flagged_as_not_paired():
     assert "WARNING" in format_comparison(result)
 
 
+def test_a_metric_logged_on_every_other_step_has_full_blocks_and_pairs_on_the_l1():
+    # the fork (B) logs the segmenter's Dice on odd steps only, and its total loss weighs it twice
+    steps = np.arange(1, 13)
+    l1 = np.full(12, 0.1)
+    dice_a = np.linspace(0.5, 0.4, 12)
+    dice_b = np.where(steps % 2 == 1, dice_a + np.where(steps <= 4, 0.01, 0.03), np.nan)
+    a = LossCurve(steps=steps, loss=l1 + 0.25 * dice_a, l1=l1, dice_loss=dice_a, seconds=0.0)
+    b = LossCurve(steps=steps, loss=np.where(np.isnan(dice_b), l1, l1 + 0.5 * np.nan_to_num(dice_b)), l1=l1,
+                  dice_loss=dice_b, seconds=0.0)
+    result = compare_curves(a, b, metric="dice_loss", block=4)
+    assert [(blk.first, blk.last, blk.count) for blk in result.blocks] == [(1, 3, 2), (5, 7, 2), (9, 11, 2)]
+    assert [blk.difference for blk in result.blocks] == pytest.approx([0.01, 0.03, 0.03])
+    # the last window (9-12) is covered too: three blocks in the standard error
+    assert result.standard_error == pytest.approx(np.std([0.01, 0.03, 0.03], ddof=1) / math.sqrt(3))
+    # the totals differ from the first step on (other weights), the L1 says the runs start together
+    loss = compare_curves(a, b, metric="loss", block=4)
+    assert loss.same_start and "WARNING" not in format_comparison(loss)
+
+
 def test_rows_copied_with_the_run_folder_are_history_not_pairs():
     # steps 1-3 were copied into the fork (same time stamps); the fork's own rows start at step 4,
     # which it scored with the same weights on the same sample (same loss, other time)

@@ -99,27 +99,44 @@ def compare_curves(a: LossCurve, b: LossCurve, *, metric: str = "l1", block: int
     keep = np.isfinite(values_a) & np.isfinite(values_b)
     if common[keep].size == 0:
         raise CompareError(f"the two runs have no {stage} step with a {metric} value in common")
-    keep &= ~_copied_rows(a, b, ia, ib)
+    own = ~_copied_rows(a, b, ia, ib)
+    keep &= own
+    last_paired = int(common[own][-1]) if own.any() else -1  # of any row, with or without a value of metric
     common, values_a, values_b = common[keep], values_a[keep], values_b[keep]
     if common.size == 0:
         raise CompareError("the two runs only share rows copied from one log into the other (the history before "
                            "the fork): nothing to compare yet")
     first = int(common[0])
-    same_start = bool(np.isclose(values_b[0], values_a[0], rtol=SAME_START_RTOL, atol=0.0))
+    same_start = _same_start(a, b, first, metric)
     blocks = []
     starts = first + ((common - first) // block) * block
-    for start in np.unique(starts):
+    window_starts = np.unique(starts)
+    for start in window_starts:
         sel = starts == start
         steps = common[sel]
         blocks.append(PairedBlock(first=int(steps[0]), last=int(steps[-1]), count=int(sel.sum()),
                                   mean_a=float(values_a[sel].mean()), mean_b=float(values_b[sel].mean())))
     # The standard error uses the full blocks only: a short last block would count as a whole
-    # degree of freedom with the noise of a few steps.
-    full = np.array([blk.difference for blk in blocks if blk.count == block])
+    # degree of freedom with the noise of a few steps. A block is full when the paired steps go on
+    # past the end of its window (so a metric logged on every Nth step only, e.g. the segmenter's
+    # Dice with seg_loss_interval = N, still has full blocks of block / N values).
+    full = np.array([blk.difference for blk, start in zip(blocks, window_starts, strict=True)
+                     if start + block - 1 <= last_paired])
     standard_error = float(full.std(ddof=1) / math.sqrt(full.size)) if full.size >= 2 else math.nan
     return PairedComparison(stage=stage, metric=metric, blocks=tuple(blocks), mean_a=float(values_a.mean()),
                             mean_b=float(values_b.mean()), standard_error=standard_error, first_step=first,
                             same_start=same_start, validation=validation or {})
+
+
+def _same_start(a: LossCurve, b: LossCurve, step: int, metric: str) -> bool:
+    """Whether both runs scored the same at their first paired ``step``: judged on the L1 when both logged
+    one there (it does not depend on the loss weights, which may be what the fork changed, e.g.
+    ``seg_loss_interval`` reweights the logged total), else on ``metric``."""
+    for name in ("l1", metric):
+        x, y = getattr(a, name)[a.steps == step], getattr(b, name)[b.steps == step]
+        if x.size and y.size and np.isfinite(x[0]) and np.isfinite(y[0]):
+            return bool(np.isclose(y[0], x[0], rtol=SAME_START_RTOL, atol=0.0))
+    return False
 
 
 def _copied_rows(a: LossCurve, b: LossCurve, ia: np.ndarray, ib: np.ndarray) -> np.ndarray:
