@@ -328,6 +328,24 @@ def test_segmenter_loss_every_nth_step_weighted_n_times(tmp_path: Path, volumes)
     assert np.isnan(curve.dice_loss[1]) and curve.dice_loss[2] > 0
 
 
+def test_segmenter_loss_interval_keeps_its_phase_across_a_resume(tmp_path: Path, volumes):
+    def config(run_dir: Path):  # type: ignore[no-untyped-def]
+        base = tiny_config(run_dir, seg_steps=1, reg_steps=6)
+        return dataclasses.replace(base, regression=dataclasses.replace(base.regression, seg_loss_interval=2))
+
+    straight: list = []
+    make_trainer(config(tmp_path / "straight"), volumes).run(on_step=straight.append)
+    resumed: list = []
+    make_trainer(config(tmp_path / "resumed"), volumes).run(max_steps=2, on_step=resumed.append)  # stops after reg. step 1
+    make_trainer(config(tmp_path / "resumed"), volumes).run(on_step=resumed.append)
+    reg_straight = [r for r in straight if r.stage == "regression"]
+    reg_resumed = [r for r in resumed if r.stage == "regression"]
+    assert [r.step for r in reg_resumed] == [1, 2, 3, 4, 5, 6]
+    # the Dice term on regression steps 1, 3, 5 (0-based 0, 2, 4) in both, and the same losses
+    assert [math.isnan(r.dice_loss) for r in reg_resumed] == [False, True, False, True, False, True]
+    assert [r.loss for r in reg_resumed] == [r.loss for r in reg_straight]
+
+
 def test_segmenter_loss_interval_config_errors():
     with pytest.raises(ConfigError, match="seg_loss_interval must be >= 1"):
         load_config(None, overrides=["regression.seg_loss_interval=0"])

@@ -44,17 +44,19 @@ def _digest(module: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
-def _two_workers(out: Path, group: ProcessGroup) -> None:
+def _two_workers(out: Path, group: ProcessGroup, regression: dict | None = None) -> None:
     """Spawned worker: train a tiny run, then report its weights' digest and first sample (rank by rank)."""
     scheme = load_label_scheme()
     volumes = [label_volume_from_array(head_phantom((36, 36, 36)), scheme, name="p0"),
                label_volume_from_array(head_phantom((40, 36, 38)), scheme, name="p1")]
-    trainer = Trainer(_config(out / "run"), volumes=volumes, validation_volumes=volumes[:1], group=group)
+    trainer = Trainer(_config(out / "run", **(regression or {})), volumes=volumes, validation_volumes=volumes[:1],
+                      group=group)
     losses: list[float] = []
-    trainer.run(on_step=lambda r: losses.append(r.loss))
+    dice: list[float] = []
+    trainer.run(on_step=lambda r: (losses.append(r.loss), dice.append(r.dice_loss)))
     sample = trainer.generator.generate(1).input
     result = {"rank": group.rank, "regressor": _digest(trainer.regressor), "segmenter": _digest(trainer.segmenter),
-              "sample": float(sample.sum()), "losses": losses}
+              "sample": float(sample.sum()), "losses": losses, "dice": [None if d != d else d for d in dice]}
     (out / f"rank{group.rank}.json").write_text(json.dumps(result))
 
 
@@ -74,10 +76,23 @@ def test_workers_keep_identical_weights_on_different_samples(tmp_path: Path):
     assert (run / "model.safetensors").is_file()
 
 
-def _worker_target(out: Path):  # type: ignore[no-untyped-def]
+def _worker_target(out: Path, **regression):  # type: ignore[no-untyped-def]
     import functools
 
-    return functools.partial(_two_workers, out)
+    return functools.partial(_two_workers, out, regression=regression)
+
+
+def test_workers_take_the_sparse_segmenter_loss_on_the_same_steps(tmp_path: Path):
+    launch(_worker_target(tmp_path, seg_loss_interval=2), 2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["regressor"] == ranks[1]["regressor"]
+    # 2 segmentation steps, then regression steps 0-based 0, 1, 2: the Dice term on 0 and 2 only, in both
+    # workers (a worker out of phase would make the averaged Dice nan on every step)
+    for rank in ranks:
+        reg = rank["dice"][2:]
+        assert reg[0] is not None and reg[1] is None and reg[2] is not None
+    rows = [r for r in csv.DictReader((tmp_path / "run" / "loss.csv").open()) if r["stage"] == "regression"]
+    assert [r["dice_loss"] == "" for r in rows] == [False, True, False]
 
 
 def test_single_group_is_a_no_op():

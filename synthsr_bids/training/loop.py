@@ -3,7 +3,8 @@
 Stage ``segmentation`` trains a softmax U-Net on generator inputs with a soft Dice loss; at its
 end the segmenter is written as ``segmenter.safetensors`` (float16) and read back, so every later
 step (in this process or after a resume) uses the very same frozen weights. Stage ``regression``
-trains the linear-head SynthSR U-Net with ``L1 + seg_loss_weight * soft Dice(segmenter(pred))``.
+trains the linear-head SynthSR U-Net with ``L1 + seg_loss_weight * soft Dice(segmenter(pred))``
+(with ``seg_loss_interval`` = N > 1, the Dice term on every Nth step only, weighted N times).
 
 The run directory holds:
 
@@ -114,9 +115,9 @@ class StepResult:
     stage: str
     step: int  #: 1-based step within the stage
     global_step: int
-    loss: float
+    loss: float  #: the optimised total of this step (see :data:`LOSS_COLUMNS`)
     l1: float
-    dice_loss: float
+    dice_loss: float  #: nan in the regression stage when the frozen segmenter's term was not evaluated
     generator_seconds: float
     network_seconds: float
     aux_dice_loss: float = math.nan  #: regression with auxiliary segmentation outputs only
@@ -460,7 +461,8 @@ class Trainer:
             if self.reg_ema is not None:
                 self.reg_ema.update(self.regressor)
             value, l1 = float(terms.total.detach()), terms.l1
-            dice = terms.dice_loss if segmenter is not None else math.nan  # nan: not evaluated at this step
+            # nan: the segmenter's Dice was not evaluated at this step
+            dice = terms.dice_loss if segmenter is not None and stage_cfg.seg_loss_weight > 0 else math.nan
             aux = terms.aux_dice_loss if stage_cfg.aux_seg_weight > 0 else math.nan
         t2 = time.perf_counter()
         value, l1, dice, aux = self.group.mean([value, l1, dice, aux])  # one step = every worker's sample
@@ -880,7 +882,10 @@ class Trainer:
                           checkpoint=checkpoint, model=model)
 
 
-#: Columns of loss.csv (``aux_dice_loss``: empty without auxiliary segmentation outputs).
+#: Columns of loss.csv (``aux_dice_loss``: empty without auxiliary segmentation outputs). In the regression
+#: stage ``loss`` is the optimised total: ``l1`` plus the weighted Dice terms of that step, so with
+#: ``seg_loss_interval`` = N > 1 it weighs the Dice N times on every Nth step and is the L1 alone on the
+#: others, where ``dice_loss`` is empty (not evaluated; also with no frozen segmenter or a zero weight).
 LOSS_COLUMNS = ("time", "stage", "step", "global_step", "loss", "l1", "dice_loss", "generator_s", "network_s",
                 "aux_dice_loss")
 
