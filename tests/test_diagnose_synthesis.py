@@ -26,24 +26,24 @@ def _ball(shape=(40, 40, 40), radius=15.0, value=100.0) -> np.ndarray:
 
 
 def test_correlated_texture_has_the_asked_strength_and_spares_the_background(diagnose):
-    ball = _ball()
-    out = diagnose.correlated_texture(ball, np.random.default_rng(0), sigma_mm=2.0, amount=0.08)
-    inside = ball > 0
-    assert np.all(out[~inside] == 0.0)
-    assert out[inside].std() / 100.0 == pytest.approx(0.08, rel=0.2)
-    assert out[inside].mean() == pytest.approx(100.0, rel=0.02)
+    ball = _ball() + 3.0  # a background that is not 0, as the generator renders it
+    inside = _ball() > 0
+    out = diagnose.correlated_texture(ball, inside, np.random.default_rng(0), sigma_mm=2.0, amount=0.08)
+    assert np.all(out[~inside] == 3.0)
+    assert out[inside].std() / 103.0 == pytest.approx(0.08, rel=0.2)
+    assert out[inside].mean() == pytest.approx(103.0, rel=0.02)
     # spatially correlated: neighbours agree far more than for white noise
-    residual = np.where(inside, out - 100.0, 0.0)
+    residual = np.where(inside, out - 103.0, 0.0)
     both = inside[1:] & inside[:-1]
     assert np.corrcoef(residual[1:][both], residual[:-1][both])[0, 1] > 0.7
 
 
 def test_white_noise_is_a_fraction_of_the_foreground_mean_and_uncorrelated(diagnose):
-    ball = _ball()
-    out = diagnose.white_noise(ball, np.random.default_rng(1), fraction=0.05)
-    inside = ball > 0
-    assert np.all(out[~inside] == 0.0)
-    assert (out - ball)[inside].std() == pytest.approx(5.0, rel=0.05)
+    ball = _ball() + 3.0
+    inside = _ball() > 0
+    out = diagnose.white_noise(ball, inside, np.random.default_rng(1), fraction=0.05)
+    assert np.all(out[~inside] == 3.0)
+    assert (out - ball)[inside].std() == pytest.approx(0.05 * 103.0, rel=0.05)  # of the head's mean
     residual = out - ball
     both = inside[1:] & inside[:-1]
     assert abs(np.corrcoef(residual[1:][both], residual[:-1][both])[0, 1]) < 0.05
@@ -52,7 +52,7 @@ def test_white_noise_is_a_fraction_of_the_foreground_mean_and_uncorrelated(diagn
 def test_every_perturbation_keeps_the_shape_and_changes_the_image(diagnose):
     ball = ndimage.gaussian_filter(_ball(), 1.0) + _ball(radius=6.0, value=50.0)
     for name, perturb in diagnose.PERTURBATIONS.items():
-        out = perturb(ball, np.random.default_rng(2))
+        out = perturb(ball, ball > 1.0, np.random.default_rng(2))
         assert out.shape == ball.shape, name
         assert np.isfinite(out).all() and not np.allclose(out, ball), name
 
