@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import hashlib
 import json
+import math
 import signal
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def _two_workers(out: Path, group: ProcessGroup, regression: dict | None = None)
     trainer.run(on_step=lambda r: (losses.append(r.loss), dice.append(r.dice_loss)))
     sample = trainer.generator.generate(1).input
     result = {"rank": group.rank, "regressor": _digest(trainer.regressor), "segmenter": _digest(trainer.segmenter),
-              "sample": float(sample.sum()), "losses": losses, "dice": [None if d != d else d for d in dice]}
+              "sample": float(sample.sum()), "losses": losses, "dice": [None if math.isnan(d) else d for d in dice]}
     (out / f"rank{group.rank}.json").write_text(json.dumps(result))
 
 
