@@ -18,10 +18,9 @@ Measures, in one run and on the same machine, regression training samples per se
 
 and prints each as a ratio to the first one measured (``--plans`` picks which; by default all but
 ``interval``). Every other configuration evaluates the segmenter's loss on every step, whatever
-``--config`` says.
-The network, crop, frozen-segmenter loss and autocast are those of ``--config`` (default:
-``configs/default.toml``); the segmenter is untrained (its cost is the same) and nothing is written
-to the run directory. Only the first ``--maps`` training maps are loaded (the step cost does not
+``--config`` says. The network, crop, frozen-segmenter loss and autocast are those of ``--config``
+(default: ``configs/default.toml``); the segmenter is untrained (its cost is the same) and nothing
+is written to the run directory. Only the first ``--maps`` training maps are loaded (the step cost does not
 depend on their number). Stop other CPU work (the background training) first, or the ratios
 measure it too::
 
@@ -126,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=2, help="processes of the 'P procs' configuration")
     parser.add_argument("--maps", type=int, default=2, help="training label maps to load")
     parser.add_argument("--seg-loss-interval", type=int, default=4,
-                        help="N of the 'Dice every Nth step' configuration")
+                        help="N of the 'Dice on 1 step in N' configuration (plan 'interval')")
     parser.add_argument("--plans", nargs="+", choices=PLANS, default=list(DEFAULT_PLANS),
                         help="configurations to measure, in this order (the first is the baseline of the ratios)")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
