@@ -113,24 +113,10 @@ def _row(name: str, prediction: np.ndarray, target: np.ndarray, given: np.ndarra
 
 
 def synthetic_rows(model, options, label_dir: Path, count: int,  # type: ignore[no-untyped-def]
-                   contrast: str = "t1") -> list[tuple[str, ...]]:
-    from synthsr_bids.evaluation.cases import synthetic_cases
-    from synthsr_bids.inference.predict import synthesize
-
-    rows = []
-    for case in synthetic_cases(label_dir, count, overrides={**CLEAN, "contrast_probs": ((contrast, 1.0),)}):
-        started = time.perf_counter()
-        result = synthesize(case.input.data, case.input.affine, model, options)
-        if result.data.shape != case.reference.shape:
-            raise SystemExit(f"{case.name}: prediction {result.data.shape} != reference {case.reference.shape}")
-        rows.append(_row(f"{case.name}, synthetic {contrast}", result.data, case.reference.data, case.input.data,
-                         case.brain_mask, started))
-    return rows
-
-
-def perturbation_rows(model, options, label_dir: Path, count: int,  # type: ignore[no-untyped-def]
-                      contrast: str, *, seed: int = 0) -> list[tuple[str, ...]]:
-    """One row per clean synthetic case: r of the clean input, then r and its change with each perturbation."""
+                   contrast: str = "t1", *, robustness: list[tuple[str, ...]] | None = None,
+                   seed: int = 0) -> list[tuple[str, ...]]:
+    """The clean synthetic rows of ``contrast``; with a ``robustness`` list, also one row per case appended to it
+    (:func:`perturbation_cells`, random streams from ``seed``), reusing the clean prediction."""
     from synthsr_bids.evaluation.cases import synthetic_cases
     from synthsr_bids.evaluation.metrics import pearson
     from synthsr_bids.inference.predict import synthesize
@@ -138,22 +124,34 @@ def perturbation_rows(model, options, label_dir: Path, count: int,  # type: igno
     rng = np.random.default_rng(seed)
     rows = []
     for case in synthetic_cases(label_dir, count, overrides={**CLEAN, "contrast_probs": ((contrast, 1.0),)}):
-        clean = case.input.data.astype(np.float64)
-        # The head: where the target has tissue (the rendered background is not 0 after min-max).
-        head = case.reference.data > 0
-
-        def score(volume: np.ndarray, case=case) -> float:  # type: ignore[no-untyped-def]
-            result = synthesize(volume.astype(np.float32), case.input.affine, model, options)
-            return pearson(result.data, case.reference.data, case.brain_mask)
-
-        base = score(clean)
-        cells = [f"{base:.3f}"]
-        for perturb in PERTURBATIONS.values():
-            r = score(perturb(clean, head, rng))
-            cells.append(f"{r:.3f} ({r - base:+.3f})")
-        print(f"# {case.name}, synthetic {contrast}: perturbations done", file=sys.stderr, flush=True)
-        rows.append((f"{case.name}, synthetic {contrast}", *cells))
+        started = time.perf_counter()
+        result = synthesize(case.input.data, case.input.affine, model, options)
+        if result.data.shape != case.reference.shape:
+            raise SystemExit(f"{case.name}: prediction {result.data.shape} != reference {case.reference.shape}")
+        name = f"{case.name}, synthetic {contrast}"
+        rows.append(_row(name, result.data, case.reference.data, case.input.data, case.brain_mask, started))
+        if robustness is not None:
+            clean_r = pearson(result.data, case.reference.data, case.brain_mask)
+            robustness.append((name, *perturbation_cells(case, clean_r, model, options, rng)))
+            print(f"# {name}: perturbations done", file=sys.stderr, flush=True)
     return rows
+
+
+def perturbation_cells(case, clean_r: float, model, options,  # type: ignore[no-untyped-def]
+                       rng: np.random.Generator) -> list[str]:
+    """r of the clean input (``clean_r``), then r and its change with each of :data:`PERTURBATIONS`."""
+    from synthsr_bids.evaluation.metrics import pearson
+    from synthsr_bids.inference.predict import synthesize
+
+    clean = case.input.data.astype(np.float64)
+    # The head: where the target has tissue (the rendered background is not 0 after min-max).
+    head = case.reference.data > 0
+    cells = [f"{clean_r:.3f}"]
+    for perturb in PERTURBATIONS.values():
+        result = synthesize(perturb(clean, head, rng).astype(np.float32), case.input.affine, model, options)
+        r = pearson(result.data, case.reference.data, case.brain_mask)
+        cells.append(f"{r:.3f} ({r - clean_r:+.3f})")
+    return cells
 
 
 def patient_rows(model, options, patient_dir: Path, names: list[str]) -> list[tuple[str, ...]]:  # type: ignore[no-untyped-def]
@@ -197,8 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     # As the pipeline runs it: flip averaging, and sharpening when the weight file asks for it.
     options = SynthesisOptions(sharpen=loaded.sharpen)
     rows = []
+    robustness: list[tuple[str, ...]] | None = [] if args.perturbations else None
     for contrast in args.contrasts:
-        rows += synthetic_rows(loaded.network, options, args.label_maps, args.cases, contrast)
+        rows += synthetic_rows(loaded.network, options, args.label_maps, args.cases, contrast, robustness=robustness)
     real = [REAL_CASE[c] for c in args.contrasts if REAL_CASE[c]]
     if args.patient_dir.is_dir():
         rows += patient_rows(loaded.network, options, args.patient_dir, real)
@@ -210,10 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
-    if args.perturbations:
-        robustness = []
-        for contrast in args.contrasts:
-            robustness += perturbation_rows(loaded.network, options, args.label_maps, args.cases, contrast)
+    if robustness is not None:
         print("\n| case (clean 1 mm input) | model r, clean | " + " | ".join(
             f"{name}: r (change)" for name in PERTURBATIONS) + " |")
         print("|---" * (2 + len(PERTURBATIONS)) + "|")
