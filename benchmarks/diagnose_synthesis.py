@@ -24,6 +24,11 @@ the synthetic ones:
    spatially correlated texture at two scales, i.i.d. noise, a smooth multiplicative field);
    the drop of r from the clean input says which of them the network has not learnt to ignore,
    i.e. candidates for the domain gap of row 2.
+5. **Resolution of the real scans.** A 1 mm voxel grid does not mean 1 mm resolution: a scan
+   acquired with thick slices and resampled keeps its blur along the slice axis. For each real scan
+   (the reference and the inputs), :func:`axis_blur` estimates from its power spectra how much
+   blurrier each axis is than the sharpest (Gaussian sigma, mm); the real rows also score the
+   prediction blurred like the reference, i.e. at the reference's own resolution.
 
 Data: ``../shared/data`` next to the repository (SynthSR's held-out maps; the open_ms_data patient
 for the real rows). Example::
@@ -100,16 +105,53 @@ def equivalent_blur(prediction: np.ndarray, reference: np.ndarray, mask: np.ndar
     return sigma, r
 
 
+def axis_blur(volume: np.ndarray, mask: np.ndarray, *, margin: int = 20,
+              band: tuple[float, float] = (0.05, 0.3)) -> tuple[float, float, float]:
+    """How much blurrier each axis of ``volume`` (1 mm voxels) is than its sharpest axis: Gaussian sigmas, mm.
+
+    A scan acquired with thick slices and resampled to 1 mm loses its high spatial frequencies along the
+    slice axis only. On a cube inside ``mask``'s bounding box (shrunk by ``margin`` voxels), the power
+    spectrum along each axis (Hann window, averaged over the other two) is compared with axis 0's: a
+    Gaussian blur of sigma multiplies power at ``f`` cycles/mm by ``exp(-4 pi^2 sigma^2 f^2)``, so the log of
+    the ratio, fitted as ``c - 4 pi^2 s f^2`` over ``band``, gives ``s = sigma_axis^2 - sigma_0^2`` (the
+    constant ``c`` absorbs the anisotropy of the anatomy). The sigmas squared are then taken relative to
+    the smallest. Noise-dominated frequencies bias it towards 0, hence the band's upper limit."""
+    corner = np.argwhere(mask).min(0) + margin
+    side = int(min(np.argwhere(mask).max(0) + 1 - margin - corner))
+    if side < 16:
+        raise ValueError(f"the mask's bounding box minus {margin} voxels is too small ({side} voxels)")
+    cube = volume[tuple(slice(c, c + side) for c in corner)].astype(np.float64)
+    frequencies = np.fft.rfftfreq(side)
+    used = (frequencies >= band[0]) & (frequencies <= band[1])
+    powers = []
+    for axis in range(3):
+        centred = cube - cube.mean(axis=axis, keepdims=True)
+        window = np.hanning(side).reshape([-1 if a == axis else 1 for a in range(3)])
+        spectrum = np.abs(np.fft.rfft(centred * window, axis=axis)) ** 2
+        powers.append(spectrum.mean(axis=tuple(a for a in range(3) if a != axis))[used])
+    design = np.stack([np.ones(used.sum()), -4.0 * np.pi ** 2 * frequencies[used] ** 2], axis=1)
+    squared = np.array([0.0] + [np.linalg.lstsq(design, np.log(powers[a] / powers[0]), rcond=None)[0][1]
+                                for a in (1, 2)])
+    sigmas = np.sqrt(np.clip(squared - squared.min(), 0.0, None))
+    return float(sigmas[0]), float(sigmas[1]), float(sigmas[2])
+
+
 def _row(name: str, prediction: np.ndarray, target: np.ndarray, given: np.ndarray, brain: np.ndarray,
-         started: float) -> tuple[str, ...]:
-    from synthsr_bids.evaluation.metrics import image_metrics
+         started: float, target_blur: tuple[float, float, float] | None = None) -> tuple[str, ...]:
+    """A row of the main table; with ``target_blur`` (:func:`axis_blur` of the target), also the r of the
+    prediction blurred like the target, i.e. compared at the target's own resolution."""
+    from scipy import ndimage
+
+    from synthsr_bids.evaluation.metrics import image_metrics, pearson
 
     ours = image_metrics(prediction, target, brain)
     baseline = image_metrics(given, target, brain)
     sigma, r_blurred = equivalent_blur(prediction, target, brain)
+    at_target_resolution = "–" if target_blur is None else \
+        f"{pearson(ndimage.gaussian_filter(prediction, target_blur), target, brain):.3f}"
     print(f"# {name}: model r {ours.r:.3f}, input r {baseline.r:.3f}", file=sys.stderr, flush=True)
     return (name, f"{ours.r:.3f} / {ours.ssim:.3f}", f"{baseline.r:.3f} / {baseline.ssim:.3f}", f"{sigma:g}",
-            f"{r_blurred:.3f}", f"{time.perf_counter() - started:.1f}")
+            f"{r_blurred:.3f}", at_target_resolution, f"{time.perf_counter() - started:.1f}")
 
 
 def synthetic_rows(model, options, label_dir: Path, count: int,  # type: ignore[no-untyped-def]
@@ -154,7 +196,13 @@ def perturbation_cells(case, clean_r: float, model, options,  # type: ignore[no-
     return cells
 
 
-def patient_rows(model, options, patient_dir: Path, names: list[str]) -> list[tuple[str, ...]]:  # type: ignore[no-untyped-def]
+def _blur_cells(sigmas: tuple[float, float, float]) -> tuple[str, ...]:
+    return tuple(f"{s:.2f}" for s in sigmas)
+
+
+def patient_rows(model, options, patient_dir: Path, names: list[str],  # type: ignore[no-untyped-def]
+                 resolution: list[tuple[str, ...]] | None = None) -> list[tuple[str, ...]]:
+    """The real rows; the :func:`axis_blur` of the reference and of each input scan go to ``resolution``."""
     from synthsr_bids.evaluation.cases import patient_cases
     from synthsr_bids.evaluation.volume import resample_onto
     from synthsr_bids.inference.predict import synthesize
@@ -167,8 +215,14 @@ def patient_rows(model, options, patient_dir: Path, names: list[str]) -> list[tu
         result = synthesize(case.input.data, case.input.affine, model, options)
         prediction = resample_onto(result.data, result.affine, case.reference.shape, case.reference.affine, order=1)
         given = resample_onto(case.input.data, case.input.affine, case.reference.shape, case.reference.affine, order=1)
+        reference_blur = axis_blur(case.reference.data, case.brain_mask)
+        if resolution is not None:
+            if not resolution:
+                resolution.append((f"{patient_dir.name} reference T1", *_blur_cells(reference_blur)))
+            resolution.append((f"{patient_dir.name} input {case.name}",
+                               *_blur_cells(axis_blur(given, case.brain_mask))))
         rows.append(_row(f"{patient_dir.name} real {case.name}", prediction, case.reference.data, given,
-                         case.brain_mask, started))
+                         case.brain_mask, started, reference_blur))
     return rows
 
 
@@ -199,16 +253,23 @@ def main(argv: list[str] | None = None) -> int:
     for contrast in args.contrasts:
         rows += synthetic_rows(loaded.network, options, args.label_maps, args.cases, contrast, robustness=robustness)
     real = [REAL_CASE[c] for c in args.contrasts if REAL_CASE[c]]
+    resolution: list[tuple[str, ...]] = []
     if args.patient_dir.is_dir():
-        rows += patient_rows(loaded.network, options, args.patient_dir, real)
+        rows += patient_rows(loaded.network, options, args.patient_dir, real, resolution)
     else:
         print(f"# no patient directory {args.patient_dir}: real rows skipped", file=sys.stderr)
     print(f"Model: {loaded.info.name} (sha256 {loaded.info.sha256[:12]}; sharpening {'on' if loaded.sharpen else 'off'})\n")
     print("| case (clean 1 mm input) | model r / SSIM | input r / SSIM (baseline for T1) "
-          "| equivalent blur of the reference (sigma, mm) | r at that blur | time (s) |")
-    print("|---|---|---|---|---|---|")
+          "| equivalent blur of the reference (sigma, mm) | r at that blur "
+          "| r, prediction blurred like the reference | time (s) |")
+    print("|---|---|---|---|---|---|---|")
     for row in rows:
         print("| " + " | ".join(row) + " |")
+    if resolution:
+        print("\n| real scan (1 mm voxels) | blur along x (sigma, mm) | along y | along z |")
+        print("|---|---|---|---|")
+        for row in resolution:
+            print("| " + " | ".join(row) + " |")
     if robustness is not None:
         print("\n| case (clean 1 mm input) | model r, clean | " + " | ".join(
             f"{name}: r (change)" for name in PERTURBATIONS) + " |")

@@ -65,3 +65,19 @@ def test_equivalent_blur_finds_the_blur_of_a_blurred_reference(diagnose):
     assert sigma == 1.5 and r > 0.99
     sigma, r = diagnose.equivalent_blur(reference, reference, mask)
     assert sigma == 0.0 and r == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(("axis", "sigma"), [(2, 1.0), (0, 0.8), (1, 1.5)])
+def test_axis_blur_finds_the_axis_and_amount_of_a_one_axis_blur(diagnose, axis, sigma):
+    texture = ndimage.gaussian_filter(np.random.default_rng(axis).standard_normal((64, 64, 64)), 0.6)
+    blurred = ndimage.gaussian_filter(texture, [sigma if a == axis else 0.0 for a in range(3)])
+    found = diagnose.axis_blur(blurred, np.ones(blurred.shape, bool), margin=0)
+    assert found[axis] == pytest.approx(sigma, abs=0.15)
+    assert max(found[a] for a in range(3) if a != axis) < 0.3
+
+
+def test_axis_blur_of_an_isotropic_texture_is_near_zero_and_a_tiny_mask_is_refused(diagnose):
+    texture = ndimage.gaussian_filter(np.random.default_rng(5).standard_normal((64, 64, 64)), 0.6)
+    assert max(diagnose.axis_blur(texture, np.ones(texture.shape, bool), margin=0)) < 0.3
+    with pytest.raises(ValueError, match="too small"):
+        diagnose.axis_blur(texture, np.ones(texture.shape, bool), margin=25)
