@@ -57,3 +57,5 @@ def test_bundled_model_gives_a_t1_like_image_where_the_input_has_tissue() -> Non
     out = result.data
     assert out.shape == flair.shape and np.isfinite(out).all()
     assert out[white | grey].mean() > 20 and out[flair == 0].mean() < out[white | grey].mean() / 3
+    # T1 contrast, the FLAIR's inverted: white matter brighter than grey (a copy of the input would fail)
+    assert out[white].mean() > 1.05 * out[grey].mean()

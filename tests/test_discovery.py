@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from bids_builder import add_broken_scans, build_clean_dataset
+from bids_builder import add_broken_scans, add_scan, build_clean_dataset, scan
 from synthsr_bids.cli.parser import parse_args
 from synthsr_bids.discovery import find_scans, parse_entities
 from synthsr_bids.errors import InputDataError, NoInputError
@@ -80,9 +80,15 @@ def test_not_a_bids_dataset(tmp_path):
         find_scans(_config(tmp_path / "empty", tmp_path))
 
 
-def test_database_dir_is_reused(dataset, tmp_path):
+def test_database_dir_is_reused(tmp_path):
+    """As in fMRIPrep: the saved index is read back, not rebuilt (so a scan added later is not seen)."""
+    root = build_clean_dataset(tmp_path / "ds")
     database = tmp_path / "db"
-    first = find_scans(_config(dataset, tmp_path, "--bids-database-dir", str(database)))
+    first = find_scans(_config(root, tmp_path, "--bids-database-dir", str(database)))
     assert any(database.iterdir())
-    second = find_scans(_config(dataset, tmp_path, "--bids-database-dir", str(database)))
-    assert [s.relpath for s in first] == [s.relpath for s in second]
+    late = add_scan(root, "sub-01/ses-1/anat/sub-01_ses-1_acq-late_T2w.nii.gz", scan("T2w"))
+    second = find_scans(_config(root, tmp_path, "--bids-database-dir", str(database)))
+    assert [s.relpath for s in second] == [s.relpath for s in first]
+    # without the saved index the new scan is found: the database, not chance, hid it
+    fresh = find_scans(_config(root, tmp_path))
+    assert late.name in {s.path.name for s in fresh} - {s.path.name for s in first}

@@ -305,12 +305,19 @@ def test_unknown_labels_are_reported_with_the_file(tmp_path: Path, scheme):
     nib.save(nib.Nifti1Image(bad, np.eye(4)), path)
     with pytest.raises(LabelFileError, match=r"bad\.nii\.gz.*\[999\].*label_aliases"):
         load_label_map(path, scheme)
-    vol = load_label_map(path, scheme, aliases={999: 2})
-    assert 999 not in scheme.labels[vol.indices]
+    aliased = load_label_map(path, scheme, aliases={999: 2})
+    bad[20, 20, 20] = 2
+    relabelled = tmp_path / "relabelled.nii.gz"
+    nib.save(nib.Nifti1Image(bad, np.eye(4)), relabelled)
+    # the alias makes the voxel the label it names, as if the file had said so
+    expected = load_label_map(relabelled, scheme)
+    assert np.array_equal(aliased.indices, expected.indices)
+    assert aliased.brain_box == expected.brain_box
 
 
-def test_benchmark_seconds_per_sample(scheme, contrasts):
-    """Speed check: prints seconds per 96^3 sample (one thread); never asserts on time."""
+def test_a_full_size_sample_is_well_formed_and_its_speed_is_reported(scheme, contrasts):
+    """A 96^3 training sample on one thread: checked values, and the seconds per sample printed
+    (``pytest -s``; never asserted: tests do not assert on time, see benchmarks/)."""
     volume = label_volume_from_array(head_phantom((112, 112, 112)), scheme, name="big")
     gen = SynthGenerator([volume], scheme, contrasts, GeneratorConfig(crop_shape=(96, 96, 96)), seed=0)
     threads = torch.get_num_threads()
@@ -320,8 +327,14 @@ def test_benchmark_seconds_per_sample(scheme, contrasts):
         times = []
         for _ in range(3):
             start = time.perf_counter()
-            gen.sample()
+            image, target, labels, lesions, _params = gen.sample()
             times.append(time.perf_counter() - start)
+            assert image.shape == target.shape == labels.shape == lesions.shape == (96, 96, 96)
+            assert torch.isfinite(image).all() and image.min() >= 0.0 and image.max() <= 1.0
+            assert image.max() > 0.5  # min-max normalised, not blank
+            # the synthetic T1: white matter (the brightest class) at 110/255, blurred: never above it
+            assert 0.0 <= target.min() and target.max() <= 110.0 / 255.0 + 1e-6
+            assert (target > 80.0 / 255.0).sum() > 1000
     finally:
         torch.set_num_threads(threads)
     print(f"\ngenerator: {sorted(times)[1]:.3f} s per 96^3 sample (median of 3, 1 thread)")

@@ -130,25 +130,29 @@ def test_template_from_templateflow_home(tmp_path, monkeypatch):
 
 
 def test_undownloaded_template_offline_says_how_to_prefetch(tmp_path, monkeypatch):
-    """A TemplateFlow placeholder (0-byte file) with no network: the error gives the command."""
-    import templateflow.client
+    """A TemplateFlow placeholder (0-byte file) and no network: TemplateFlow's own client really tries the
+    download (through a proxy on a closed loopback port, so it fails at once, as offline); the error
+    gives the command that pre-fetches it."""
+    import socket
 
     home = tmp_path / "templateflow"
     folder = write_templateflow_template(home, "Tiny")
     (folder / "tpl-Tiny_res-01_T1w.nii.gz").write_bytes(b"")
     monkeypatch.setenv("TEMPLATEFLOW_HOME", str(home))
-    calls = []
-
-    def offline(config, filepath, *args, **kwargs):
-        calls.append(filepath)
-        raise ConnectionError("Failed to resolve 'templateflow.s3.amazonaws.com'")
-
-    monkeypatch.setattr(templateflow.client, "_s3_get", offline)
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{probe.getsockname()[1]}"
+    for variable in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(variable, closed)
+    for variable in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(variable, raising=False)
     with pytest.raises(TemplateNotAvailableError) as info:
         get_template("Tiny", 1)
-    assert calls and calls[0].name == "tpl-Tiny_res-01_T1w.nii.gz"
-    assert "could not be fetched (no network?)" in str(info.value)
-    assert "TEMPLATEFLOW_HOME=/path/to/templateflow python -c" in str(info.value)
+    message = str(info.value)
+    assert "tpl-Tiny_res-01_T1w.nii.gz is not downloaded and could not be fetched (no network?)" in message
+    assert "ProxyError" in message or "Connection refused" in message or "Max retries" in message
+    assert "TEMPLATEFLOW_HOME=/path/to/templateflow python -c" in message
+    assert (folder / "tpl-Tiny_res-01_T1w.nii.gz").stat().st_size == 0  # nothing half-written
 
 
 # ---------------------------------------------------------------------------- registration

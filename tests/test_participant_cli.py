@@ -265,13 +265,34 @@ def test_exit_codes(tmp_path, models, setup, extra, code):
     assert main(argv + extra) == code
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_unwritable_output_exits_73(tmp_path, models):  # pragma: no cover - CI runs as root
-    bids = build_clean_dataset(tmp_path / "ds")
+@pytest.fixture
+def unwritable_dir(tmp_path):
+    """A folder nobody running the test can write into: without write permission for a normal user;
+    for root (who ignores permissions, as in CI), a read-only tmpfs, as a container's read-only mount."""
     locked = tmp_path / "locked"
     locked.mkdir()
-    locked.chmod(0o500)
-    assert main([str(bids), str(locked / "out"), "participant", "--skip-bids-validation"]) == 73
+    if os.geteuid() != 0:
+        locked.chmod(0o500)
+        yield locked
+        locked.chmod(0o700)
+        return
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(locked)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:  # pragma: no cover - root without CAP_SYS_ADMIN
+        pytest.skip(f"root cannot mount a read-only tmpfs here: {mounted.stderr.strip()}")
+    try:
+        yield locked
+    finally:
+        subprocess.run(["umount", str(locked)], check=True)
+
+
+def test_unwritable_output_exits_73_and_says_why(tmp_path, models, unwritable_dir, caplog):
+    bids = build_clean_dataset(tmp_path / "ds", layout={"sub-01/anat/sub-01_T2w.nii.gz": ("T2w", (1, 1, 2), "RAS")})
+    argv = [str(bids), str(unwritable_dir / "out"), "participant", "--skip-bids-validation",
+            "--model", str(models["random"])]
+    with caplog.at_level(logging.ERROR, logger="synthsr_bids"):
+        assert main(argv) == 73
+    assert f"cannot write to {unwritable_dir / 'out'}" in caplog.text and "read-write" in caplog.text
 
 
 def test_output_under_a_file_exits_73(tmp_path, models):
