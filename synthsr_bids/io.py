@@ -201,20 +201,23 @@ def save_nifti_atomic(
     *,
     dtype: Any = np.float32,
     xform_code: int = 1,
+    fsync: bool = False,
 ) -> None:
-    """Write a NIfTI image atomically (temporary sibling + ``os.replace``)."""
+    """Write a NIfTI image atomically (temporary sibling + ``os.replace``; ``fsync``: see :func:`write_atomic`)."""
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=xform_code)
     img.set_sform(affine, code=xform_code)
-    write_atomic(path, lambda tmp: nib.save(img, str(tmp)))
+    write_atomic(path, lambda tmp: nib.save(img, str(tmp)), fsync=fsync)
 
 
 def write_atomic(path: Path, write: Callable[[Path], Any], *, fsync: bool = False) -> None:
     """Create ``path`` atomically: ``write`` fills a temporary sibling, which then replaces ``path``.
 
-    ``fsync``: flush the temporary file to disk before the rename (large files a crash must not
-    leave truncated under the final name). The temporary file never outlives a failure.
+    ``fsync``: flush the temporary file to disk before the rename, and the folder after it, so that
+    a machine crash leaves either the old file or the complete new one under ``path``, and files
+    written later (e.g. a sidecar that marks the work done) never outlive it on disk. The
+    temporary file never outlives a failure.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -225,9 +228,25 @@ def write_atomic(path: Path, write: Callable[[Path], Any], *, fsync: bool = Fals
             with open(tmp, "rb+") as handle:
                 os.fsync(handle.fileno())
         os.replace(tmp, path)
+        if fsync:
+            _fsync_folder(path.parent)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError:  # some file systems refuse fsync on a folder; the rename is still atomic
+        pass
+    finally:
+        os.close(descriptor)
 
 
 def write_text_atomic(path: Path, text: str) -> None:

@@ -14,7 +14,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 from synthsr_bids.config import RunConfig
 from synthsr_bids.derivatives import dataset as shared_files
@@ -135,6 +135,18 @@ def load_network(config: RunConfig) -> Network:
                    sharpen=sharpen)
 
 
+def precision_of(half: bool, device: str) -> str:
+    """The arithmetic a run uses: ``--half`` is float16 autocast on CUDA, ignored elsewhere."""
+    return "float16-autocast" if half and device.startswith("cuda") else "float32"
+
+
+def _finished(paths: OutputPaths, prov: Mapping[str, Any]) -> bool:
+    """Outputs a rerun can keep: every image present and not empty, and the sidecar (written last)
+    recording the same provenance."""
+    images = paths.images()
+    return all(p.is_file() and p.stat().st_size > 0 for p in images) and provenance_matches(paths.sidecar, prov)
+
+
 def _crash_file(config: RunConfig, scan: ScanInput) -> Path:
     folder = config.output_dir / f"sub-{scan.subject}" / "log" / config.run_id
     return folder / f"crash-{Path(scan.relpath).name.split('.')[0]}.txt"
@@ -167,12 +179,14 @@ def _write_outputs(
     for folder_path in paths.images():
         remove_stale_temporaries(folder_path.parent, folder_path.name)
     write_started = time.perf_counter()
-    save_nifti_atomic(result.data, result.affine, paths.t1w)
+    # Images reach the disk before the sidecar that marks the scan done (a crash never leaves a
+    # sidecar next to a truncated image).
+    save_nifti_atomic(result.data, result.affine, paths.t1w, fsync=True)
     written: list[Path] = [paths.t1w]
     native = None
     if paths.native_t1w is not None:
         native = resample_to_grid(result.data, result.affine, loaded.shape, loaded.affine, order=1)
-        save_nifti_atomic(native, loaded.affine, paths.native_t1w)
+        save_nifti_atomic(native, loaded.affine, paths.native_t1w, fsync=True)
         written.append(paths.native_t1w)
     timings["write"] = time.perf_counter() - write_started
     runtime = time.perf_counter() - started
@@ -187,7 +201,7 @@ def _write_outputs(
         model=network.info,
         prov=prov,
         device=result.device,
-        precision="float16-autocast" if (config.inference.half and result.device.startswith("cuda")) else "float32",
+        precision=precision_of(config.inference.half, result.device),
         timings=timings,
         runtime_seconds=runtime,
         warnings=loaded.warnings,
@@ -238,12 +252,9 @@ def process_scan(scan: ScanInput, *, config: RunConfig, network: Network, device
             sharpen=network.sharpen,
             ct=config.inference.ct,
             native_grid=config.native_grid,
+            precision=precision_of(config.inference.half, device),
         )
-        if (
-            not config.overwrite
-            and all(p.is_file() for p in paths.images())
-            and provenance_matches(paths.sidecar, prov)
-        ):
+        if not config.overwrite and _finished(paths, prov):
             return ScanResult(scan, "skipped", paths.images(), time.perf_counter() - started)
         outputs = _write_outputs(scan, paths, config=config, network=network, device=device, prov=prov)
         return ScanResult(scan, "written", outputs, time.perf_counter() - started)

@@ -107,12 +107,13 @@ def test_shared_files_survive_concurrent_jobs(tmp_path):
 def test_provenance_roundtrip(tmp_path):
     model = ModelInfo(name="m", sha256="ab" * 32, license="Apache-2.0")
     prov = provenance(source_relpath="sub-01/anat/x.nii.gz", source_sha256="cd" * 32, model=model,
-                      flip=True, sharpen=True, ct=False, native_grid=False)
+                      flip=True, sharpen=True, ct=False, native_grid=False, precision="float32")
     sidecar = tmp_path / "x.json"
     assert not provenance_matches(sidecar, prov)
     sidecar.write_text(json.dumps({"SynthSR": {"Provenance": prov}}))
     assert provenance_matches(sidecar, prov)
     assert not provenance_matches(sidecar, {**prov, "TestTimeFlipping": False})
+    assert not provenance_matches(sidecar, {**prov, "Precision": "float16-autocast"})  # --half on a GPU
     sidecar.write_text("{truncated")
     assert not provenance_matches(sidecar, prov)
 

@@ -189,6 +189,20 @@ def test_interrupted_scan_is_redone(clean_run):
     assert sidecar.is_file() and not leftover.exists()
 
 
+def test_empty_image_left_by_a_crash_is_redone_and_precision_is_recorded(clean_run):
+    """A machine crash could once leave a 0-byte image next to its complete sidecar: never taken as done."""
+    out = clean_run["out"]
+    image = out / _expected_name("sub-02/ses-1/anat/sub-02_ses-1_FLAIR.nii.gz")
+    sidecar = Path(str(image).replace(".nii.gz", ".json"))
+    assert main(clean_run["argv"] + ["--participant-label", "02", "--skip-bids-validation"]) == 0
+    expected = np.asanyarray(nib.load(str(image)).dataobj)
+    image.write_bytes(b"")
+    assert main(clean_run["argv"] + ["--participant-label", "02", "--skip-bids-validation", "--half"]) == 0
+    assert np.array_equal(np.asanyarray(nib.load(str(image)).dataobj), expected)  # redone, identically
+    provenance = json.loads(sidecar.read_text())["SynthSR"]["Provenance"]
+    assert provenance["Precision"] == "float32"  # --half is CUDA autocast only: ignored (and recorded) on CPU
+
+
 def test_identity_model_overlays_input_in_world_space(tmp_path, models):
     """With a network that returns its input, the res-native output must match the input
     voxel by voxel (up to SynthSR's 0..128 clipping), for every storage orientation."""

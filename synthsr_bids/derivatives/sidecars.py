@@ -42,6 +42,7 @@ def provenance(
     sharpen: bool,
     ct: bool,
     native_grid: bool,
+    precision: str,
 ) -> dict[str, Any]:
     """What must be equal for a previous output to be reused."""
     return {
@@ -52,6 +53,7 @@ def provenance(
         "Sharpening": sharpen,
         "CTClipping": ct,
         "NativeGrid": native_grid,
+        "Precision": precision,
     }
 
 
