@@ -102,11 +102,21 @@ def _conversion_cache(sha256: str, work_dir: Path) -> Path:
 
 def load_network(config: RunConfig) -> Network:
     """Resolve ``--model`` (never downloads) and load the weights."""
-    from synthsr_bids.models.registry import resolve_model
+    from synthsr_bids.models.registry import ModelIntegrityError, resolve_model, write_hash_record
     from synthsr_bids.models.weights import PREVIEW_STATUS, SHARPEN_METADATA, STATUS_METADATA, load_weights
 
     resolved = resolve_model(config.inference.model)
     loaded = load_weights(resolved.path, cache_dir=_conversion_cache(resolved.sha256, config.work_dir))
+    if loaded.source_sha256 != resolved.sha256:
+        # resolve_model may trust a hash record (same size and mtime); the bytes just loaded decide.
+        write_hash_record(resolved.path, loaded.source_sha256)
+        raise ModelIntegrityError(
+            f"{resolved.path}: the file loaded has SHA-256 {loaded.source_sha256[:12]}..., not the "
+            f"{resolved.sha256[:12]}... recorded for model {resolved.name}: it changed on disk after its "
+            "SHA-256 was recorded. The record is now updated: run again to use the file as it is now "
+            "(a registered model that no longer matches its registered SHA-256 is then refused), or "
+            "restore the file."
+        )
     spec = resolved.spec
     info = ModelInfo(
         name=resolved.name,

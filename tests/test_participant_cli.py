@@ -203,6 +203,30 @@ def test_empty_image_left_by_a_crash_is_redone_and_precision_is_recorded(clean_r
     assert provenance["Precision"] == "float32"  # --half is CUDA autocast only: ignored (and recorded) on CPU
 
 
+def test_model_file_changed_behind_its_hash_record_is_refused_then_rehashed(tmp_path, models, monkeypatch, caplog):
+    """The SHA-256 recorded (size + mtime unchanged) must be the SHA-256 of the bytes loaded."""
+    monkeypatch.setenv("SYNTHSR_BIDS_MODELS", str(tmp_path / "cache"))
+    bids = build_clean_dataset(tmp_path / "ds", layout={"sub-01/anat/sub-01_T2w.nii.gz": ("T2w", (1, 1, 2), "RAS")})
+    model = tmp_path / "mine.safetensors"
+    model.write_bytes(models["random"].read_bytes())
+    argv = [str(bids), str(tmp_path / "out"), "participant", "--skip-bids-validation", "--model", str(model),
+            "--skip-segmentation", "--skip-reports"]
+    assert main(argv) == 0
+    first = json.loads(next((tmp_path / "out").rglob("*_T1w.json")).read_text())["SynthSR"]["Provenance"]
+    # Same size, same mtime, other weights: a different valid model the hash record does not see.
+    stamp = model.stat()
+    other = write_model(random_unet(seed=1), tmp_path / "other.safetensors")
+    assert other.stat().st_size == stamp.st_size  # same architecture, other weights
+    model.write_bytes(other.read_bytes())
+    os.utime(model, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+    with caplog.at_level(logging.ERROR, logger="synthsr_bids"):
+        assert main(argv) == 64
+    assert f"{model}: the file loaded has SHA-256 {hashlib.sha256(other.read_bytes()).hexdigest()[:12]}" in caplog.text
+    assert main(argv) == 0  # the record was refreshed: the file is used as it is now, and recomputed
+    second = json.loads(next((tmp_path / "out").rglob("*_T1w.json")).read_text())["SynthSR"]["Provenance"]
+    assert second["ModelSHA256"] == hashlib.sha256(other.read_bytes()).hexdigest() != first["ModelSHA256"]
+
+
 def test_identity_model_overlays_input_in_world_space(tmp_path, models):
     """With a network that returns its input, the res-native output must match the input
     voxel by voxel (up to SynthSR's 0..128 clipping), for every storage orientation."""

@@ -83,8 +83,9 @@ def _validate_input(config: RunConfig) -> None:
 def run_participant(config: RunConfig) -> ExitCode:
     from synthsr_bids import pipeline
     from synthsr_bids.discovery import find_scans
+    from synthsr_bids.io import write_text_atomic
     from synthsr_bids.inference.device import DeviceError, resolve_device
-    from synthsr_bids.models.registry import ModelNotAvailableError
+    from synthsr_bids.models.registry import ModelError
     from synthsr_bids.models.weights import WeightFileError
 
     _validate_input(config)
@@ -97,7 +98,7 @@ def run_participant(config: RunConfig) -> ExitCode:
         ", ".join(f"sub-{s}" for s in subjects),
     )
     pipeline.prepare_output_dataset(config, scans)
-    (config.output_dir / "logs" / f"config-{config.run_id}.json").write_text(config.dumps() + "\n")
+    write_text_atomic(config.output_dir / "logs" / f"config-{config.run_id}.json", config.dumps() + "\n")
 
     if config.inference.nthreads:
         import torch
@@ -106,7 +107,7 @@ def run_participant(config: RunConfig) -> ExitCode:
     try:
         device = resolve_device(config.inference.device)
         network = pipeline.load_network(config)
-    except (ModelNotAvailableError, WeightFileError, DeviceError) as exc:
+    except (ModelError, WeightFileError, DeviceError) as exc:
         raise UsageError(str(exc)) from exc
     LOGGER.info(
         "model %s (sha256 %s..., %s) on %s",
@@ -141,8 +142,9 @@ def run_group(config: RunConfig) -> ExitCode:
     frequency map and the group report, from what participant level wrote
     (see :mod:`synthsr_bids.group.run`)."""
     from synthsr_bids.group.run import run_group_level
+    from synthsr_bids.io import write_text_atomic
 
-    (config.output_dir / "logs" / f"config-{config.run_id}.json").write_text(config.dumps() + "\n")
+    write_text_atomic(config.output_dir / "logs" / f"config-{config.run_id}.json", config.dumps() + "\n")
     return run_group_level(config)
 
 
