@@ -303,12 +303,13 @@ def run_scans(
     scans: Sequence[ScanInput], *, config: RunConfig, network: Network, device: str
 ) -> RunSummary:
     """Process ``scans`` in order with a progress bar and one log line per scan."""
-    from tqdm import tqdm
+    from synthsr_bids.progress import progress_bar
 
     results: list[ScanResult] = []
     total = len(scans)
-    with tqdm(total=total, unit="scan", desc="synthsr-bids", disable=None, leave=False) as bar:
+    with progress_bar(total, unit="scan", desc="synthsr-bids") as bar:
         for index, scan in enumerate(scans, start=1):
+            bar.set_postfix_str(scan.label, refresh=True)
             result = process_scan(scan, config=config, network=network, device=device)
             results.append(result)
             prefix = f"[{index}/{total}] {scan.label}"

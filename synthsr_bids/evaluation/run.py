@@ -294,9 +294,8 @@ def _planned_parts(config: EvaluationConfig, skipped: list[str]) -> list[_Part]:
 
 def run_evaluation(config: EvaluationConfig, model: LoadedModel, *, progress: bool = True) -> EvaluationResult:
     """Evaluate ``model`` and the baselines on every available case (see :mod:`.cases`)."""
-    from tqdm import tqdm
-
     from synthsr_bids.inference.predict import SynthesisOptions
+    from synthsr_bids.progress import progress_bar
 
     if config.threads:
         import torch
@@ -313,7 +312,7 @@ def run_evaluation(config: EvaluationConfig, model: LoadedModel, *, progress: bo
     total = sum(part.count for part in parts)
     results: list[CaseResult] = []
     index = 0
-    with tqdm(total=total, unit="case", desc="evaluation", disable=None if progress else True, leave=False) as bar:
+    with progress_bar(total, unit="case", desc="evaluation", enabled=None if progress else False) as bar:
         for part in parts:
             done = 0
             try:

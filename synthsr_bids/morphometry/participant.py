@@ -26,6 +26,7 @@ import nibabel as nib
 import numpy as np
 
 from synthsr_bids.config import RunConfig
+from synthsr_bids.progress import progress_bar
 from synthsr_bids.derivatives import dataset as shared_files
 from synthsr_bids.derivatives.naming import output_paths
 from synthsr_bids.derivatives.sidecars import file_sha256
@@ -300,14 +301,16 @@ def run_downstream(config: RunConfig, summary: Any, *, device: str = "cpu") -> D
         )
     masks_by_subject: dict[str, list[LesionMask]] = {}
     results: list[DownstreamResult] = []
-    for image in images:
-        if image.subject not in masks_by_subject:
-            masks_by_subject[image.subject] = find_lesion_masks(
-                config.bids_dir, image.subject, extra_dir=config.downstream.lesion_masks
-            )
-        results.append(
-            process_image(image, config=config, segmenter=segmenter, masks=masks_by_subject[image.subject], device=device)
-        )
+    with progress_bar(len(images), unit="image", desc="segmentation and lesion masks") as bar:
+        for image in images:
+            bar.set_postfix_str(image.path.name, refresh=True)
+            if image.subject not in masks_by_subject:
+                masks_by_subject[image.subject] = find_lesion_masks(
+                    config.bids_dir, image.subject, extra_dir=config.downstream.lesion_masks
+                )
+            results.append(process_image(image, config=config, segmenter=segmenter,
+                                         masks=masks_by_subject[image.subject], device=device))
+            bar.update(1)
     if config.downstream.reports:
         from synthsr_bids.reports.subject import write_subject_report
 
