@@ -27,6 +27,7 @@ import nibabel as nib
 import numpy as np
 
 from synthsr_bids.errors import BadInputError
+from synthsr_bids.validation import is_unfetched_annex_file
 
 LOGGER = logging.getLogger(__name__)
 
@@ -104,6 +105,12 @@ def load_scan(path: Path | str) -> LoadedScan:
             path,
             "is an empty (0-byte) file, e.g. a placeholder left by a failed conversion.",
             "re-convert it from DICOM, or exclude it with --bids-filter-file.",
+        )
+    if is_unfetched_annex_file(path):
+        raise BadInputError(
+            path,
+            "is a git-annex pointer file (an unlocked DataLad file whose content is not here).",
+            "run `datalad get` on it, or exclude it with --bids-filter-file.",
         )
     try:
         img = nib.load(str(path))

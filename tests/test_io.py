@@ -60,6 +60,14 @@ def test_broken_symlink_mentions_datalad(tmp_path):
         load_scan(link)
 
 
+def test_unlocked_annex_pointer_file_mentions_datalad(tmp_path):
+    """What git-annex leaves for an unlocked file whose content was not fetched: a one-line pointer."""
+    pointer = tmp_path / "sub-01_T2w.nii.gz"
+    pointer.write_text("/annex/objects/MD5E-s123456--0123456789abcdef0123456789abcdef.nii.gz\n")
+    with pytest.raises(BadInputError, match=r"sub-01_T2w\.nii\.gz.*git-annex pointer file.*datalad get"):
+        load_scan(pointer)
+
+
 def test_4d_uses_first_volume_with_warning(tmp_path):
     data = np.stack([np.full((6, 6, 6), v) for v in (1.0, 2.0, 3.0)], axis=-1)
     data[0, 0, 0, :] = 0

@@ -264,7 +264,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--skip_bids_validation",
         dest="skip_bids_validation",
         action="store_true",
-        help="do not run the BIDS validator on the input dataset",
+        help="do not check the input dataset: neither the BIDS validator (which otherwise "
+        "checks the selected participants and the dataset-level files; time limit "
+        "$SYNTHSR_BIDS_VALIDATOR_TIMEOUT seconds, default 600) nor the check for "
+        "git-annex/DataLad files whose content is not fetched",
     )
     selection.add_argument(
         "--bids-database-dir",

@@ -57,14 +57,46 @@ def _prepare_output(config: RunConfig) -> Path:
 
 
 def _validate_input(config: RunConfig) -> None:
-    from synthsr_bids.validation import ValidatorUnavailableError, validate_dataset
+    """Check the input: un-fetched git-annex content (exit 65), then the official BIDS
+    validator, restricted to the selected participants and the dataset-level files (16).
+
+    The validator's time limit is ``$SYNTHSR_BIDS_VALIDATOR_TIMEOUT`` (default 600 s); a
+    validator that is missing, crashes or times out gives no verdict: usage error (64).
+    """
+    import shlex
+
+    from synthsr_bids.errors import InputDataError
+    from synthsr_bids.validation import (
+        ValidatorUnavailableError,
+        find_unfetched_annex_files,
+        validate_dataset,
+    )
 
     if config.skip_bids_validation:
         LOGGER.info("BIDS validation skipped (--skip-bids-validation)")
         return
     started = time.perf_counter()
+    labels = config.participant_labels
+    missing = find_unfetched_annex_files(config.bids_dir, labels)
+    if missing:
+        limit = 20
+        shown = [p.as_posix() for p in missing]
+        listing = "\n".join(f"  {p}" for p in shown[:limit])
+        if len(shown) > limit:
+            listing += f"\n  ... and {len(shown) - limit} more"
+        # few files: name them; many: fetch their participants' folders (or root files)
+        targets = shown if len(shown) <= limit else sorted({p.parts[0] for p in missing})
+        paths = " ".join(shlex.quote(t) for t in targets)
+        folder = shlex.quote(str(config.bids_dir))
+        raise InputDataError(
+            f"{len(shown)} file(s) of {config.bids_dir} are git-annex (DataLad) "
+            "placeholders whose content has not been fetched:\n"
+            f"{listing}\n"
+            f"Fetch the content first: cd {folder} && datalad get {paths}\n"
+            f"(or, without DataLad: cd {folder} && git annex get {paths}), then run again."
+        )
     try:
-        report = validate_dataset(config.bids_dir)
+        report = validate_dataset(config.bids_dir, participant_labels=labels)
     except ValidatorUnavailableError as exc:
         raise UsageError(str(exc)) from exc
     if report.errors:
@@ -74,8 +106,9 @@ def _validate_input(config: RunConfig) -> None:
             + "\nFix the dataset, or run with --skip-bids-validation at your own risk."
         )
     LOGGER.info(
-        "BIDS validation passed (%d warnings) in %.1f s",
+        "BIDS validation passed (%d warnings%s) in %.1f s",
         len(report.warnings),
+        "; issues in unselected participants ignored" if labels else "",
         time.perf_counter() - started,
     )
 
