@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
+import os
 from pathlib import Path
 
 import nibabel as nib
@@ -278,6 +280,28 @@ def test_derived_names_and_discovery(tmp_path):
     assert t2.dseg.name == "sub-01_ses-1_res-1_desc-synthsegT2w_dseg.nii.gz"
     assert flair.figure("mosaic") == tmp_path / "sub-01/figures" / f"{names[0]}_mosaic.png"
     assert parse_synthetic(tmp_path, anat / "sub-01_ses-1_desc-synthsegFLAIR_dseg.nii.gz") is None
+
+
+def test_only_the_newest_output_of_a_scan_is_found(tmp_path, caplog):
+    """A rerun with --native-grid adds res-1 names next to the earlier outputs of the same scans."""
+    anat = tmp_path / "sub-01/anat"
+    anat.mkdir(parents=True)
+
+    def output(name: str, source: str, mtime_ns: int) -> None:
+        (anat / f"{name}.nii.gz").write_bytes(b"")
+        sidecar = anat / f"{name}.json"
+        sidecar.write_text(json.dumps({"Sources": [f"bids:raw:sub-01/anat/{source}"]}))
+        os.utime(sidecar, ns=(mtime_ns, mtime_ns))
+
+    output("sub-01_desc-synthsrFLAIR_T1w", "sub-01_FLAIR.nii.gz", 1_000)
+    output("sub-01_res-1_desc-synthsrFLAIR_T1w", "sub-01_FLAIR.nii.gz", 2_000)  # the rerun: newer
+    output("sub-01_res-1_desc-synthsrT2w_T1w", "sub-01_T2w.nii.gz", 500)  # another scan, older: kept
+    output("sub-01_desc-synthsrT2w_T1w", "sub-01_T2w.nii.gz", 3_000)  # ... unless a newer one of it exists
+    with caplog.at_level(logging.WARNING, logger="synthsr_bids"):
+        images = find_synthetic_images(tmp_path)
+    assert [i.name for i in images] == ["sub-01_desc-synthsrT2w_T1w.nii.gz", "sub-01_res-1_desc-synthsrFLAIR_T1w.nii.gz"]
+    assert "sub-01/anat/sub-01_FLAIR.nii.gz has 2 synthetic T1w images" in caplog.text
+    assert "ignoring sub-01_desc-synthsrFLAIR_T1w.nii.gz" in caplog.text
 
 
 def test_lesion_mask_match_ignores_other_subjects():

@@ -20,6 +20,7 @@ where ``<C>`` is the source suffix (``FLAIR``, ``T2w``...).
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ from typing import Any, Mapping
 
 from synthsr_bids.derivatives.naming import DESC_PREFIX, RESOLUTION_LABELS
 from synthsr_bids.discovery import ENTITY_KEYS, ENTITY_ORDER, parse_entities
+
+LOGGER = logging.getLogger(__name__)
 
 SEGMENTATION_DESC_PREFIX = "synthseg"
 LESION_LABEL = "lesion"
@@ -226,11 +229,36 @@ def parse_synthetic(output_dir: Path, path: Path) -> SyntheticImage | None:
 
 
 def find_synthetic_images(output_dir: Path, subject: str | None = None) -> list[SyntheticImage]:
-    """Every finished synthetic T1w (image and sidecar present), sorted by path."""
+    """Every finished synthetic T1w (image and sidecar present), one per source scan, sorted by path.
+
+    Runs with other naming settings leave several images of one scan (e.g. ``..._desc-synthsrFLAIR_T1w``
+    and, after a rerun with ``--native-grid``, ``..._res-1_desc-synthsrFLAIR_T1w``): only the newest
+    (by its sidecar, written last) is used, so that no scan is segmented, reported or counted twice;
+    the others are named in a warning."""
     pattern = f"sub-{subject}" if subject else "sub-*"
     found: list[SyntheticImage] = []
     for path in sorted(output_dir.glob(f"{pattern}/**/anat/*_desc-{DESC_PREFIX}*_T1w{NII}")):
         image = parse_synthetic(output_dir, path)
         if image is not None and image.sidecar.is_file():
             found.append(image)
-    return found
+    return newest_per_source(found)
+
+
+def newest_per_source(images: list[SyntheticImage]) -> list[SyntheticImage]:
+    """``images`` without the older outputs of a source scan another image also comes from (order kept)."""
+    by_source: dict[str, list[SyntheticImage]] = {}
+    for image in images:
+        source = image.source_relpath()
+        if source is not None:
+            by_source.setdefault(source, []).append(image)
+    stale: set[Path] = set()
+    for source, group in by_source.items():
+        if len(group) < 2:
+            continue
+        newest = max(group, key=lambda i: (i.sidecar.stat().st_mtime_ns, i.name))
+        older = [i for i in group if i is not newest]
+        stale.update(i.path for i in older)
+        LOGGER.warning("%s has %d synthetic T1w images; using the newest, %s, and ignoring %s "
+                       "(left by a run with other settings: delete them to silence this)", source, len(group),
+                       newest.name, ", ".join(i.name for i in older))
+    return [i for i in images if i.path not in stale]
