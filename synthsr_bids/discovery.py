@@ -1,21 +1,33 @@
 """Find the anatomical scans to process with pybids.
 
 The raw dataset is indexed once with :class:`bids.layout.BIDSLayout` (derivatives,
-``code/``, ``sourcedata/`` and unrequested subjects excluded), then queried per
-contrast with the participant/session selection and the user's filters. Every
+``code/``, ``sourcedata/`` excluded; unrequested subjects too unless the index is
+saved with ``--bids-database-dir``), then queried per contrast with the
+participant/session selection and the user's filters. Every
 BIDS entity of a source file is kept so that output names can carry them all.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import re
+import shutil
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 from synthsr_bids.config import RunConfig
-from synthsr_bids.errors import InputDataError, NoInputError
+from synthsr_bids.errors import (
+    InputDataError,
+    NoInputError,
+    OutputError,
+    SynthSRBidsError,
+    UsageError,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -114,17 +126,17 @@ def _filters_for(suffix: str, bids_filters: Mapping[str, Mapping[str, Any]]) -> 
     return merged
 
 
-def build_layout(config: RunConfig):
-    """Index the raw dataset with pybids (no pybids validation: the official
-    validator runs separately)."""
-    from bids.layout import BIDSLayout, BIDSLayoutIndexer
+#: Bump when the way the index is built changes, so older saved indexes are not reused.
+_INDEX_FORMAT = 1
+#: Name of pybids' SQLite file inside a database folder.
+_PYBIDS_DB_FILE = "layout_index.sqlite"
+#: Human-readable description of a saved index, written next to pybids' file.
+_INDEX_INFO_FILE = "synthsr_bids_index.json"
 
-    if not (config.bids_dir / "dataset_description.json").is_file():
-        raise InputDataError(
-            f"{config.bids_dir} is not a BIDS dataset: dataset_description.json is "
-            "missing. Point bids_dir at the dataset root."
-        )
-    ignore: list[Any] = [
+
+def _base_ignore() -> list[Any]:
+    """Paths never indexed: non-raw folders, hidden files, non-anatomical data."""
+    return [
         "code",
         "sourcedata",
         "derivatives",
@@ -133,21 +145,158 @@ def build_layout(config: RunConfig):
         re.compile(r"/\."),
         re.compile(r"^/sub-[^/]+/(ses-[^/]+/)?(?!anat)[a-z]+/"),
     ]
-    if config.participant_labels:
+
+
+def _is_within(path: Path, other: Path) -> bool:
+    try:
+        path.relative_to(other)
+    except ValueError:
+        return False
+    return True
+
+
+def check_database_dir(database_dir: Path, bids_dir: Path) -> Path:
+    """The resolved ``--bids-database-dir``; refuse one inside the input dataset
+    (the input dataset is never written to)."""
+    database = Path(database_dir).expanduser().resolve()
+    bids = Path(bids_dir).expanduser().resolve()
+    if _is_within(database, bids):
+        raise UsageError(
+            f"--bids-database-dir {database} is inside the input dataset {bids}; "
+            "synthsr-bids never writes into the input dataset. Fix: choose a folder "
+            f"outside it, e.g. {bids.parent / (bids.name + '_pybids_db')} or one under "
+            "the work directory."
+        )
+    return database
+
+
+def _index_settings(bids_dir: Path, ignore: list[Any], index_metadata: bool) -> dict[str, Any]:
+    """Everything the content of a saved index depends on (participants excluded:
+    a saved index always covers every participant)."""
+    import bids
+
+    return {
+        "format": _INDEX_FORMAT,
+        "bids_dir": str(bids_dir),
+        "ignore": [
+            f"re:{item.pattern}" if isinstance(item, re.Pattern) else f"path:{item}"
+            for item in ignore
+        ],
+        "validate": False,
+        "index_metadata": index_metadata,
+        "derivatives": False,
+        "pybids": bids.__version__,
+    }
+
+
+def database_folder(database_dir: Path, settings: Mapping[str, Any]) -> Path:
+    """Subfolder of ``database_dir`` holding the index for ``settings``.
+
+    Named by a short hash so that one ``--bids-database-dir`` can hold indexes of
+    several datasets (or pybids versions) without ever mixing them up."""
+    digest = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    return database_dir / f"layout-{digest}"
+
+
+def _close(layout) -> None:
+    """Release pybids' SQLite connections (before the folder is renamed or removed)."""
+    manager = getattr(layout, "connection_manager", None)
+    if manager is None:
+        return
+    session = getattr(manager, "_session", None)
+    if session is not None:
+        session.close()
+    manager.engine.dispose()
+
+
+def _load_or_build_database(target: Path, settings: Mapping[str, Any], build):
+    """A layout backed by the complete saved index in ``target``.
+
+    An existing index is only read. Otherwise the index is built by ``build(path)``
+    into a temporary sibling folder that is then renamed into place, so other jobs
+    never see a half-written index; if another job renamed its copy first, ours is
+    discarded and theirs is used.
+    """
+    from bids.layout import BIDSLayout
+
+    if (target / _PYBIDS_DB_FILE).is_file():
+        LOGGER.debug("reusing the saved pybids index in %s", target)
+        return BIDSLayout(database_path=str(target), validate=False)
+
+    # not tempfile.mkdtemp: its 0700 mode would keep the shared index from other users
+    tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()
+    except OSError as exc:
+        raise OutputError(
+            f"cannot write the pybids index in {target.parent}: {exc.strerror or exc}. "
+            "Choose a writable --bids-database-dir."
+        ) from exc
+    try:
+        layout = build(tmp)
+        _close(layout)
+        (tmp / _INDEX_INFO_FILE).write_text(json.dumps(dict(settings), indent=2, sort_keys=True) + "\n")
+        try:
+            os.rename(tmp, target)
+            LOGGER.info("saved the pybids index of %s in %s", settings["bids_dir"], target)
+        except OSError:
+            # another job finished first (the target exists and is not empty)
+            if not (target / _PYBIDS_DB_FILE).is_file():
+                raise
+            LOGGER.debug("another job saved the pybids index in %s first; using it", target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return BIDSLayout(database_path=str(target), validate=False)
+
+
+def build_layout(config: RunConfig):
+    """Index the raw dataset with pybids (no pybids validation: the official
+    validator runs separately).
+
+    Without ``--bids-database-dir`` only the selected participants are indexed (in
+    memory). With it, every participant is indexed once and saved in a subfolder of
+    that directory keyed by the dataset path, the index settings and the pybids
+    version; later runs and concurrent jobs of the same dataset, whatever their
+    participant selection, read it back (files added since are not seen, as in
+    fMRIPrep).
+    """
+    from bids.layout import BIDSLayout, BIDSLayoutIndexer
+
+    bids_dir = Path(config.bids_dir).expanduser().resolve()
+    database = (
+        check_database_dir(config.bids_database_dir, bids_dir)
+        if config.bids_database_dir is not None
+        else None
+    )
+    if not (bids_dir / "dataset_description.json").is_file():
+        raise InputDataError(
+            f"{config.bids_dir} is not a BIDS dataset: dataset_description.json is "
+            "missing. Point bids_dir at the dataset root."
+        )
+    ignore = _base_ignore()
+    if config.participant_labels and database is None:
+        # in-memory index: skip unrequested participants (the query filters anyway)
         wanted = "|".join(re.escape(lbl) for lbl in config.participant_labels)
         ignore.append(re.compile(rf"^/sub-(?!({wanted})(/|$))"))
-    indexer = BIDSLayoutIndexer(validate=False, ignore=ignore, index_metadata=True)
-    database = config.bids_database_dir
-    if database is not None:
-        database.mkdir(parents=True, exist_ok=True)
-    try:
+
+    def build(database_path: Path | None):
+        indexer = BIDSLayoutIndexer(validate=False, ignore=ignore, index_metadata=True)
         return BIDSLayout(
-            str(config.bids_dir),
+            str(bids_dir),
             validate=False,
             derivatives=False,
             indexer=indexer,
-            database_path=str(database) if database else None,
+            database_path=str(database_path) if database_path is not None else None,
         )
+
+    try:
+        if database is None:
+            return build(None)
+        settings = _index_settings(bids_dir, ignore, index_metadata=True)
+        return _load_or_build_database(database_folder(database, settings), settings, build)
+    except SynthSRBidsError:
+        raise
     except Exception as exc:  # pybids raises several error types for broken datasets
         raise InputDataError(f"{config.bids_dir}: pybids could not index the dataset: {exc}") from exc
 
@@ -159,6 +308,7 @@ def find_scans(config: RunConfig, layout=None) -> list[ScanInput]:
     nothing matches the selection.
     """
     layout = layout if layout is not None else build_layout(config)
+    root = Path(layout.root)  # bids_dir as indexed (resolved)
     available = set(layout.get_subjects())
     missing = [lbl for lbl in config.participant_labels if lbl not in available]
     if missing:
@@ -182,7 +332,7 @@ def find_scans(config: RunConfig, layout=None) -> list[ScanInput]:
         query.update(_filters_for(suffix, config.bids_filters))
         for bids_file in layout.get(**query):
             path = Path(bids_file.path)
-            relpath = path.relative_to(config.bids_dir).as_posix()
+            relpath = path.relative_to(root).as_posix()
             try:
                 metadata = dict(bids_file.get_metadata())
             except Exception:  # an unreadable sidecar must not hide the image

@@ -1,11 +1,19 @@
+import dataclasses
+import hashlib
 import json
+import multiprocessing
+import os
+import threading
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
 import pytest
 
 from bids_builder import add_broken_scans, add_scan, build_clean_dataset, scan
+from synthsr_bids import discovery
 from synthsr_bids.cli.parser import parse_args
-from synthsr_bids.discovery import find_scans, parse_entities
-from synthsr_bids.errors import InputDataError, NoInputError
+from synthsr_bids.discovery import build_layout, find_scans, parse_entities
+from synthsr_bids.errors import ExitCode, InputDataError, NoInputError, UsageError
 
 
 @pytest.fixture(scope="module")
@@ -92,3 +100,196 @@ def test_database_dir_is_reused(tmp_path):
     # without the saved index the new scan is found: the database, not chance, hid it
     fresh = find_scans(_config(root, tmp_path))
     assert late.name in {s.path.name for s in fresh} - {s.path.name for s in first}
+
+
+# --- --bids-database-dir: shared between jobs, keyed by dataset, atomic, outside the input ---
+
+SUB01 = [
+    "sub-01/ses-1/anat/sub-01_ses-1_acq-ax_FLAIR.nii.gz",
+    "sub-01/ses-1/anat/sub-01_ses-1_run-01_T2w.nii",
+    "sub-01/ses-1/anat/sub-01_ses-1_run-02_T2w.nii.gz",
+    "sub-01/ses-2/anat/sub-01_ses-2_T1w.nii.gz",
+]
+SUB02 = ["sub-02/ses-1/anat/sub-02_ses-1_FLAIR.nii.gz"]
+
+
+@pytest.fixture(scope="module")
+def clean(tmp_path_factory):
+    return build_clean_dataset(tmp_path_factory.mktemp("clean") / "ds")
+
+
+def _relpaths(scans):
+    return [s.relpath for s in scans]
+
+
+def _snapshot(folder):
+    """relpath -> (sha256, mtime) of every file under ``folder``."""
+    return {
+        path.relative_to(folder).as_posix(): (
+            hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns
+        )
+        for path in sorted(folder.rglob("*")) if path.is_file()
+    }
+
+
+def _entries(database):
+    return sorted(p.name for p in database.iterdir())
+
+
+def test_database_shared_between_participant_selections(clean, tmp_path):
+    """A SLURM array: one participant per task, one shared database folder."""
+    database = tmp_path / "db"
+    first = find_scans(_config(clean, tmp_path, "--participant-label", "01", "--bids-database-dir", str(database)))
+    assert _relpaths(first) == SUB01
+    (folder,) = _entries(database)
+    assert folder.startswith("layout-")
+    saved = _snapshot(database)
+    assert f"{folder}/layout_index.sqlite" in saved
+
+    second = find_scans(_config(clean, tmp_path, "--participant-label", "02", "--bids-database-dir", str(database)))
+    assert _relpaths(second) == SUB02
+    every = find_scans(_config(clean, tmp_path, "--bids-database-dir", str(database)))
+    assert _relpaths(every) == sorted(SUB01 + SUB02)
+    with pytest.raises(NoInputError, match="sub-99.*found: 01, 02"):
+        find_scans(_config(clean, tmp_path, "--participant-label", "99", "--bids-database-dir", str(database)))
+    # the saved index was only read
+    assert _snapshot(database) == saved
+    # metadata comes back from the saved index too
+    assert second[0].metadata["MagneticFieldStrength"] == 3
+
+
+def test_saved_index_covers_every_participant_in_memory_one_only_the_selection(clean, tmp_path):
+    selected = _config(clean, tmp_path, "--participant-label", "02")
+    assert build_layout(selected).get_subjects() == ["02"]
+    saved = _config(clean, tmp_path, "--participant-label", "02", "--bids-database-dir", str(tmp_path / "db"))
+    assert sorted(build_layout(saved).get_subjects()) == ["01", "02"]
+
+
+def test_database_is_not_reused_for_another_dataset(clean, tmp_path):
+    other = build_clean_dataset(
+        tmp_path / "other",
+        {"sub-05/anat/sub-05_T2w.nii.gz": ("T2w", (1, 1, 3), "RAS")},
+    )
+    database = tmp_path / "db"
+    assert _relpaths(find_scans(_config(clean, tmp_path, "--bids-database-dir", str(database)))) == sorted(SUB01 + SUB02)
+    scans = find_scans(_config(other, tmp_path, "--bids-database-dir", str(database)))
+    assert _relpaths(scans) == ["sub-05/anat/sub-05_T2w.nii.gz"]
+    assert scans[0].path == other / "sub-05/anat/sub-05_T2w.nii.gz"
+    assert len(_entries(database)) == 2
+    # and each dataset keeps finding its own scans
+    again = find_scans(_config(clean, tmp_path, "--participant-label", "02", "--bids-database-dir", str(database)))
+    assert _relpaths(again) == SUB02
+    assert len(_entries(database)) == 2
+
+
+def test_database_key_depends_on_settings_and_pybids_version(clean):
+    settings = discovery._index_settings(clean, discovery._base_ignore(), index_metadata=True)
+    folder = discovery.database_folder(clean.parent / "db", settings)
+    for change in ({"pybids": "0.0.1"}, {"index_metadata": False}, {"bids_dir": "/elsewhere"},
+                   {"ignore": settings["ignore"][:-1]}):
+        assert discovery.database_folder(clean.parent / "db", {**settings, **change}) != folder
+
+
+@pytest.mark.parametrize("where", ["derivatives/pybids_db", ".", "code/db", "via-symlink"])
+def test_database_inside_the_input_dataset_is_refused(clean, tmp_path, where, capsys):
+    if where == "via-symlink":
+        (tmp_path / "link").symlink_to(clean)
+        database = tmp_path / "link" / "db"
+    else:
+        database = clean / where
+    before = sorted(p.relative_to(clean).as_posix() for p in clean.rglob("*"))
+    # the command line refuses it before anything runs
+    with pytest.raises(SystemExit) as exited:
+        _config(clean, tmp_path, "--bids-database-dir", str(database))
+    assert exited.value.code == ExitCode.USAGE
+    err = capsys.readouterr().err
+    assert "--bids-database-dir" in err and "inside the input dataset" in err
+    # and so does discovery for configurations built without the parser
+    config = dataclasses.replace(_config(clean, tmp_path), bids_database_dir=database)
+    with pytest.raises(UsageError, match="inside the input dataset") as refused:
+        find_scans(config)
+    assert refused.value.exit_code == ExitCode.USAGE == 64
+    assert str(database.resolve()) in str(refused.value) and "Fix:" in str(refused.value)
+    assert sorted(p.relative_to(clean).as_posix() for p in clean.rglob("*")) == before
+
+
+def test_database_next_to_the_dataset_is_accepted(clean, tmp_path):
+    """A sibling whose name starts like the dataset's is outside it."""
+    database = clean.parent / (clean.name + "_db")
+    try:
+        scans = find_scans(_config(clean, tmp_path, "--participant-label", "02", "--bids-database-dir", str(database)))
+        assert _relpaths(scans) == SUB02
+    finally:
+        import shutil
+
+        shutil.rmtree(database, ignore_errors=True)
+
+
+def test_concurrent_builds_with_threads(clean, tmp_path):
+    database = tmp_path / "db"
+    labels = ["01", "02", "01", "02"]
+    start = threading.Barrier(len(labels))
+    results: dict[int, list[str]] = {}
+    errors: list[BaseException] = []
+
+    def job(index, label):
+        config = _config(clean, tmp_path, "--participant-label", label, "--bids-database-dir", str(database))
+        start.wait()
+        try:
+            results[index] = _relpaths(find_scans(config))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=job, args=(i, lbl)) for i, lbl in enumerate(labels)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert results == {0: SUB01, 1: SUB02, 2: SUB01, 3: SUB02}
+    (folder,) = _entries(database)  # one database, no temporary leftovers
+    assert folder.startswith("layout-")
+
+
+def _find_in_process(root, tmp, database, label):
+    config = parse_args([root, os.path.join(tmp, "out"), "participant", "--participant-label", label,
+                         "--bids-database-dir", database])
+    return [s.relpath for s in find_scans(config)]
+
+
+def test_concurrent_builds_with_processes(clean, tmp_path):
+    database = tmp_path / "db"
+    labels = ["01", "02"]
+    context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn")
+    with ProcessPoolExecutor(max_workers=len(labels), mp_context=context) as pool:
+        futures = [pool.submit(_find_in_process, str(clean), str(tmp_path), str(database), lbl) for lbl in labels]
+        results = [f.result(timeout=300) for f in futures]
+    assert results == [SUB01, SUB02]
+    (folder,) = _entries(database)
+    assert folder.startswith("layout-")
+
+
+def test_job_that_loses_the_race_uses_the_winners_database(clean, tmp_path, monkeypatch):
+    """Deterministic version of the race: another job renames its index into place
+    while this one is still building; ours is discarded, theirs is read, not written."""
+    database = tmp_path / "db"
+    real_rename = os.rename
+    winner: dict[str, object] = {}
+    dst_seen: list = []
+
+    def rename_after_the_other_job(src, dst):
+        dst_seen.append(dst)
+        if not winner:
+            winner["started"] = True
+            winner["scans"] = _relpaths(find_scans(
+                _config(clean, tmp_path, "--participant-label", "02", "--bids-database-dir", str(database))))
+            winner["snapshot"] = _snapshot(Path(dst))  # the other job's complete index
+        return real_rename(src, dst)
+
+    monkeypatch.setattr(discovery.os, "rename", rename_after_the_other_job)
+    loser = find_scans(_config(clean, tmp_path, "--participant-label", "01", "--bids-database-dir", str(database)))
+    assert winner["scans"] == SUB02
+    assert _relpaths(loser) == SUB01
+    (folder,) = _entries(database)  # our temporary copy is gone
+    assert database / folder == Path(dst_seen[0])
+    assert _snapshot(database / folder) == winner["snapshot"]  # read, not rewritten

@@ -274,7 +274,12 @@ def build_parser() -> argparse.ArgumentParser:
         dest="bids_database_dir",
         type=Path,
         metavar="DIR",
-        help="reuse (or create) a pybids database here to speed up indexing big datasets",
+        help="folder where the pybids index of the input dataset is saved and reused "
+        "by later runs and by concurrent jobs (e.g. a SLURM array) on the same dataset, "
+        "whatever their --participant-label, to save indexing time on big datasets; "
+        "one folder can serve several datasets. Files added to the dataset after the "
+        "index was built are not seen: delete the folder to re-index. Must be outside "
+        "the input dataset",
     )
 
     synthesis = parser.add_argument_group("Synthesis")
@@ -416,6 +421,15 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         else Path(tempfile.gettempdir()) / "synthsr_work"
     )
     check_paths(parser, bids_dir, output_dir, work_dir)
+    bids_database_dir = (
+        opts.bids_database_dir.expanduser().resolve() if opts.bids_database_dir else None
+    )
+    if bids_database_dir is not None and _is_relative_to(bids_database_dir, bids_dir):
+        parser.error(
+            f"--bids-database-dir {bids_database_dir} is inside the input dataset "
+            f"{bids_dir}, which is never written to; choose a folder outside it, "
+            f"e.g. {work_dir / 'bids_db'}"
+        )
 
     unknown = [c for c in opts.contrasts if not re.match(r"^[A-Za-z0-9]+$", c)]
     if unknown:
@@ -441,7 +455,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         contrasts=tuple(dict.fromkeys(opts.contrasts)),
         bids_filters=opts.bids_filter_file or {},
         skip_bids_validation=opts.skip_bids_validation,
-        bids_database_dir=opts.bids_database_dir,
+        bids_database_dir=bids_database_dir,
         inference=inference,
         native_grid=opts.native_grid,
         overwrite=opts.overwrite,
