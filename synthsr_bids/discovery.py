@@ -31,6 +31,13 @@ from synthsr_bids.errors import (
 
 LOGGER = logging.getLogger(__name__)
 
+#: Anatomical suffixes of quantitative (parametric) maps in the BIDS specification, plus the
+#: MP2RAGE uniform image: accepted with --contrasts, with a warning.
+PARAMETRIC_SUFFIXES = frozenset({
+    "T1map", "R1map", "T2map", "R2map", "T2starmap", "R2starmap", "PDmap", "MTRmap", "MTsat", "UNIT1",
+    "T1rho", "MWFmap", "MTVmap", "Chimap", "S0map", "M0map", "TB1map", "RB1map",
+})
+
 #: Order of entities in BIDS file names (specification, "Entity table").
 ENTITY_ORDER: tuple[str, ...] = (
     "subject",
@@ -307,6 +314,8 @@ def find_scans(config: RunConfig, layout=None) -> list[ScanInput]:
     Raises :class:`NoInputError` when a requested participant does not exist or when
     nothing matches the selection.
     """
+    from bids.layout import Query
+
     layout = layout if layout is not None else build_layout(config)
     root = Path(layout.root)  # bids_dir as indexed (resolved)
     available = set(layout.get_subjects())
@@ -317,6 +326,10 @@ def find_scans(config: RunConfig, layout=None) -> list[ScanInput]:
             f"{config.bids_dir} (found: {', '.join(sorted(available)) or 'none'})"
         )
 
+    maps = [c for c in config.contrasts if c in PARAMETRIC_SUFFIXES]
+    if maps:
+        LOGGER.warning("--contrasts %s: parametric maps (quantitative values, not weighted images) are outside what "
+                       "SynthSR is trained on; their synthetic T1w images may be meaningless", " ".join(maps))
     scans: dict[str, ScanInput] = {}
     for suffix in config.contrasts:
         query: dict[str, Any] = {
@@ -329,6 +342,9 @@ def find_scans(config: RunConfig, layout=None) -> list[ScanInput]:
             query["subject"] = list(config.participant_labels)
         if config.session_labels:
             query["session"] = list(config.session_labels)
+        # Magnitude images only, as niworkflows' default queries: phase/real/imaginary parts are
+        # not images of anatomy. A bids filter on "part" overrides it ("*" takes every part).
+        query["part"] = ["mag", Query.NONE]
         query.update(_filters_for(suffix, config.bids_filters))
         for bids_file in layout.get(**query):
             path = Path(bids_file.path)

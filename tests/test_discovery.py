@@ -1,6 +1,7 @@
 import dataclasses
 import hashlib
 import json
+import logging
 import multiprocessing
 import os
 import threading
@@ -293,3 +294,28 @@ def test_job_that_loses_the_race_uses_the_winners_database(clean, tmp_path, monk
     (folder,) = _entries(database)  # our temporary copy is gone
     assert database / folder == Path(dst_seen[0])
     assert _snapshot(database / folder) == winner["snapshot"]  # read, not rewritten
+
+
+def test_only_magnitude_parts_by_default_and_a_filter_can_ask_for_others(tmp_path):
+    """niworkflows' default: part-mag or no part entity; phase images are not anatomy."""
+    root = build_clean_dataset(tmp_path / "ds", layout={})
+    for part in ("mag", "phase"):
+        add_scan(root, f"sub-01/anat/sub-01_part-{part}_T2starw.nii.gz", scan("T2w"))
+    add_scan(root, "sub-01/anat/sub-01_T2w.nii.gz", scan("T2w"))
+    found = find_scans(_config(root, tmp_path))
+    assert sorted(s.relpath for s in found) == ["sub-01/anat/sub-01_T2w.nii.gz",
+                                               "sub-01/anat/sub-01_part-mag_T2starw.nii.gz"]
+    filters = tmp_path / "filters.json"
+    filters.write_text(json.dumps({"t2starw": {"part": "phase"}}))
+    chosen = find_scans(_config(root, tmp_path, "--bids-filter-file", str(filters)))
+    assert sorted(s.relpath for s in chosen) == ["sub-01/anat/sub-01_T2w.nii.gz",
+                                                "sub-01/anat/sub-01_part-phase_T2starw.nii.gz"]
+
+
+def test_parametric_maps_are_taken_when_asked_with_a_warning(tmp_path, caplog):
+    root = build_clean_dataset(tmp_path / "ds", layout={})
+    add_scan(root, "sub-01/anat/sub-01_T1map.nii.gz", scan("T1w"))
+    with caplog.at_level(logging.WARNING, logger="synthsr_bids"):
+        found = find_scans(_config(root, tmp_path, "--contrasts", "T1map"))
+    assert [s.relpath for s in found] == ["sub-01/anat/sub-01_T1map.nii.gz"]
+    assert "--contrasts T1map: parametric maps" in caplog.text
