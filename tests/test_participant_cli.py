@@ -347,6 +347,31 @@ def test_group_level_reports_missing_participants(clean_run, caplog):
     assert "5 synthetic T1w image(s) for 2 participant(s)" in caplog.text
 
 
+def test_one_group_run_at_a_time_and_its_work_folder_is_removed(clean_run, tmp_path, caplog):
+    """A second group run on the same derivatives stops at once (exit 73) instead of mixing its
+    tables and report with the first run's."""
+    work = tmp_path / "work"
+    argv = [str(clean_run["bids"]), str(clean_run["out"]), "group", "--skip-registration", "-w", str(work)]
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from synthsr_bids.derivatives.dataset import group_lock\n"
+        f"with group_lock(Path({str(clean_run['out'])!r})):\n    print('held', flush=True); time.sleep(60)\n")],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        table = clean_run["out"] / "group_desc-qc.tsv"
+        table.unlink(missing_ok=True)
+        with caplog.at_level(logging.ERROR, logger="synthsr_bids"):
+            assert main(argv) == 73
+        assert "another group-level run is writing in" in caplog.text
+        assert not table.exists()  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(argv) == 0  # the lock died with its process
+    assert (clean_run["out"] / "group_desc-qc.tsv").is_file()
+    assert list(work.glob("group-*")) == []  # the run's (emptied) work folder is gone
+
+
 def test_console_scripts_run():
     version = subprocess.run([sys.executable, "-m", "synthsr_bids", "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and "synthsr-bids" in version.stdout

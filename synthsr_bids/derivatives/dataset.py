@@ -27,12 +27,14 @@ from typing import Any, Iterable, Iterator, Mapping
 from filelock import FileLock
 
 from synthsr_bids import CODE_URL, __version__
+from synthsr_bids.errors import OutputError
 from synthsr_bids.io import _temporary_sibling, write_text_atomic
 
 LOGGER = logging.getLogger(__name__)
 
 BIDS_VERSION = "1.10.0"
 LOCK_NAME = ".synthsr-bids.lock"
+GROUP_LOCK_NAME = ".synthsr-bids-group.lock"
 #: Non-BIDS outputs hidden from the validator (bids-validator-deno does not match the
 #: trailing-slash folder forms, so folders are listed without it).
 BIDSIGNORE_LINES: tuple[str, ...] = (
@@ -55,6 +57,32 @@ def output_lock(output_dir: Path, timeout: float = 300.0) -> Iterator[None]:
     output_dir.mkdir(parents=True, exist_ok=True)
     with FileLock(str(output_dir / LOCK_NAME), timeout=timeout):
         yield
+
+
+@contextmanager
+def group_lock(output_dir: Path) -> Iterator[None]:
+    """Exclusive hold of the group-level outputs of ``output_dir`` for one group run at a time.
+
+    Two group runs would each write a whole QC table, median template and report: every file
+    whole, but the set mixed from two runs. The second run does not wait (a group run can take
+    hours): it stops with :class:`OutputError`. The lock is released when its process ends, so a
+    killed run leaves no stale lock.
+    """
+    from filelock import Timeout
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(output_dir / GROUP_LOCK_NAME), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout as exc:
+        raise OutputError(
+            f"another group-level run is writing in {output_dir}; wait for it to finish, then run again "
+            f"(the lock {output_dir / GROUP_LOCK_NAME} is released when that run ends)"
+        ) from exc
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def container_info(environ: Mapping[str, str] | None = None) -> dict[str, str] | None:

@@ -242,6 +242,23 @@ def volume_dictionary(structures: Sequence[str], asym_columns: Sequence[str]) ->
 
 # ---------------------------------------------------------------------------- entry point
 def run_group_level(config: RunConfig) -> ExitCode:
+    """The group level (module docstring), one run at a time per output folder."""
+    with shared_files.group_lock(config.output_dir):
+        try:
+            return _run_group_level(config)
+        finally:
+            _remove_if_empty(config.work_dir / f"group-{config.run_id}")
+
+
+def _remove_if_empty(folder: Path) -> None:
+    """The run's work folder: every step cleans its own files inside it, the folder remains."""
+    try:
+        folder.rmdir()
+    except OSError:  # absent, or not empty (kept for inspection)
+        pass
+
+
+def _run_group_level(config: RunConfig) -> ExitCode:
     started = time.perf_counter()
     output_dir = config.output_dir
     images = select_images(config)
