@@ -26,6 +26,18 @@ def test_defaults(tmp_path):
     assert config.output_dir == (tmp_path / "out").resolve()
 
 
+def test_default_work_dir_is_per_user(tmp_path, monkeypatch):
+    import tempfile
+
+    monkeypatch.setenv("LOGNAME", "ada lovelace")  # getpass reads LOGNAME first
+    assert _parse(tmp_path).work_dir == Path(tempfile.gettempdir()) / "synthsr_work_ada_lovelace"
+
+
+@pytest.mark.parametrize("flag", ["--nthreads", "--n-cpus", "--nprocs", "--omp-nthreads"])
+def test_thread_limits_of_fmriprep_are_accepted(tmp_path, flag):
+    assert _parse(tmp_path, flag, "3").inference.nthreads == 3
+
+
 @pytest.mark.parametrize("flag", ["--participant-label", "--participant_label"])
 def test_participant_labels_strip_prefix(tmp_path, flag):
     config = _parse(tmp_path, flag, "sub-01", "02", "sub-01")

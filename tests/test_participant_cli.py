@@ -333,6 +333,15 @@ def test_unwritable_output_exits_73_and_says_why(tmp_path, models, unwritable_di
     assert f"cannot write to {unwritable_dir / 'out'}" in caplog.text and "read-write" in caplog.text
 
 
+def test_unwritable_work_dir_exits_73(tmp_path, models, unwritable_dir, caplog):
+    bids = build_clean_dataset(tmp_path / "ds", layout={"sub-01/anat/sub-01_T2w.nii.gz": ("T2w", (1, 1, 2), "RAS")})
+    argv = [str(bids), str(tmp_path / "out"), "participant", "--skip-bids-validation",
+            "--model", str(models["random"]), "-w", str(unwritable_dir)]
+    with caplog.at_level(logging.ERROR, logger="synthsr_bids"):
+        assert main(argv) == 73
+    assert f"cannot write to {unwritable_dir}" in caplog.text
+
+
 def test_output_under_a_file_exits_73(tmp_path, models):
     bids = build_clean_dataset(tmp_path / "ds", layout={"sub-01/anat/sub-01_T2w.nii.gz": ("T2w", (1, 1, 2), "RAS")})
     blocker = tmp_path / "blocker"

@@ -9,7 +9,9 @@ Usage errors exit with status 64 (BIDS Apps execution spec), not argparse's 2.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import os
 import re
 import sys
 import tempfile
@@ -299,10 +301,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--nthreads",
         "--n-cpus",
         "--n_cpus",
+        "--nprocs",
+        "--omp-nthreads",
         dest="nthreads",
         type=_positive_int,
         metavar="N",
-        help="CPU threads used by the network (default: all available)",
+        help="CPU threads used by the network (default: all available); one process runs the scans "
+        "in turn, so fMRIPrep's --nprocs and --omp-nthreads are accepted as the same limit",
     )
     synthesis.add_argument(
         "--half",
@@ -356,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="work_dir",
         type=Path,
         metavar="DIR",
-        help="scratch space (default: a synthsr_work folder in the system temporary directory)",
+        help="scratch space (default: synthsr_work_<user> in the system temporary directory)",
     )
     outputs.add_argument(
         "--overwrite",
@@ -407,6 +412,15 @@ def check_paths(
         )
 
 
+def default_work_dir() -> Path:
+    """``<tmp>/synthsr_work_<user>``: per user, so that users of a shared machine never collide."""
+    try:
+        user = getpass.getuser()
+    except Exception:  # no user name (e.g. an arbitrary UID in a container)
+        user = str(os.getuid()) if hasattr(os, "getuid") else "user"
+    return Path(tempfile.gettempdir()) / f"synthsr_work_{re.sub(r'[^A-Za-z0-9_.-]', '_', user)}"
+
+
 def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     """Parse ``argv`` into a :class:`RunConfig` (exits 64 on usage errors)."""
     parser = build_parser()
@@ -418,7 +432,7 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
     work_dir = (
         opts.work_dir.expanduser().resolve()
         if opts.work_dir
-        else Path(tempfile.gettempdir()) / "synthsr_work"
+        else default_work_dir()
     )
     check_paths(parser, bids_dir, output_dir, work_dir)
     bids_database_dir = (

@@ -44,9 +44,10 @@ def _prepare_output(config: RunConfig) -> Path:
         config.work_dir.mkdir(parents=True, exist_ok=True)
         logs = config.output_dir / "logs"
         logs.mkdir(exist_ok=True)
-        probe = logs / f".write-test-{config.run_id}"
-        probe.touch()
-        probe.unlink()
+        for folder in (logs, config.work_dir):
+            probe = folder / f".write-test-{config.run_id}"
+            probe.touch()
+            probe.unlink()
     except OSError as exc:
         raise OutputError(
             f"cannot write to {exc.filename or config.output_dir}: {exc.strerror or exc}. "
