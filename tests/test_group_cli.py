@@ -132,7 +132,7 @@ def test_transforms_and_template_space_images(study):
     template = nib.load(str(template_t1w))
     for relpath in IMAGES.values():
         xfm = out / relpath.replace("_T1w.nii.gz", f"_from-T1w_to-{TEMPLATE}_mode-image_xfm.h5")
-        warped_path = out / relpath.replace("_desc-", f"_space-{TEMPLATE}_desc-")
+        warped_path = out / relpath.replace("_desc-", f"_space-{TEMPLATE}_res-1_desc-")
         warped = nib.load(str(warped_path))
         assert warped.shape == template.shape and np.allclose(warped.affine, template.affine)
         again = ants.apply_transforms(fixed=ants.image_read(str(template_t1w)),
@@ -140,19 +140,20 @@ def test_transforms_and_template_space_images(study):
         np.testing.assert_allclose(again.numpy(), warped.get_fdata(), rtol=1e-4, atol=1e-2)
         sidecar = json.loads(warped_path.with_name(warped_path.name.replace(".nii.gz", ".json")).read_text())
         assert sidecar["SkullStripped"] is False and sidecar["Sources"][0] == f"bids::{relpath}"
+        assert sidecar["Resolution"] == f"TemplateFlow resolution index 1 of {TEMPLATE} (tpl-{TEMPLATE}_res-01)"
 
 
 def test_median_template_and_lesion_map(study):
     out = study["out"]
-    median = nib.load(str(out / f"space-{TEMPLATE}_desc-median_T1w.nii.gz"))
-    sidecar = json.loads((out / f"space-{TEMPLATE}_desc-median_T1w.json").read_text())
+    median = nib.load(str(out / f"space-{TEMPLATE}_res-1_desc-median_T1w.nii.gz"))
+    sidecar = json.loads((out / f"space-{TEMPLATE}_res-1_desc-median_T1w.json").read_text())
     assert sidecar["SynthSR"]["Participants"] == ["sub-01", "sub-02", "sub-03"] and sidecar["SynthSR"]["N"] == 3
     stack = [nib.load(str(out / s[len("bids::"):])).get_fdata() for s in sidecar["Sources"]]
     np.testing.assert_allclose(median.get_fdata(), np.median(stack, axis=0), rtol=1e-5, atol=1e-4)
-    frequency = nib.load(str(out / f"space-{TEMPLATE}_desc-lesion_probseg.nii.gz")).get_fdata()
-    lesion_sidecar = json.loads((out / f"space-{TEMPLATE}_desc-lesion_probseg.json").read_text())
+    frequency = nib.load(str(out / f"space-{TEMPLATE}_res-1_desc-lesion_probseg.nii.gz")).get_fdata()
+    lesion_sidecar = json.loads((out / f"space-{TEMPLATE}_res-1_desc-lesion_probseg.json").read_text())
     assert lesion_sidecar["SynthSR"]["Participants"] == ["sub-01", "sub-03"] and lesion_sidecar["SynthSR"]["N"] == 2
-    warped = [nib.load(str(out / IMAGES[s].replace(f"_desc-synthsr{c}_T1w", f"_space-{TEMPLATE}_label-lesion_desc-synthsr{c}_mask")))
+    warped = [nib.load(str(out / IMAGES[s].replace(f"_desc-synthsr{c}_T1w", f"_space-{TEMPLATE}_res-1_label-lesion_desc-synthsr{c}_mask")))
               .get_fdata() for s, c in (("01", "FLAIR"), ("03", "T1w"))]
     np.testing.assert_allclose(frequency, (warped[0] + warped[1]) / 2)  # fraction of the two participants
     assert set(np.unique(frequency)) == {0.0, 0.5, 1.0}  # the same phantom lesion overlaps in template space

@@ -274,9 +274,12 @@ def test_derived_names_and_discovery(tmp_path):
     assert flair.lesion_mask.name == "sub-01_ses-1_acq-ax_run-02_label-lesion_desc-synthsrFLAIR_mask.nii.gz"
     assert flair.xfm("MNI152NLin2009cAsym").name == (
         "sub-01_ses-1_acq-ax_run-02_desc-synthsrFLAIR_from-T1w_to-MNI152NLin2009cAsym_mode-image_xfm.h5")
-    assert flair.in_template("X").name == "sub-01_ses-1_acq-ax_run-02_space-X_desc-synthsrFLAIR_T1w.nii.gz"
-    assert flair.lesion_in_template("X").name == (
-        "sub-01_ses-1_acq-ax_run-02_space-X_label-lesion_desc-synthsrFLAIR_mask.nii.gz")
+    assert flair.in_template("X", 2).name == "sub-01_ses-1_acq-ax_run-02_space-X_res-2_desc-synthsrFLAIR_T1w.nii.gz"
+    assert flair.lesion_in_template("X", 1).name == (
+        "sub-01_ses-1_acq-ax_run-02_space-X_res-1_label-lesion_desc-synthsrFLAIR_mask.nii.gz")
+    # the template's resolution, not the synthetic image's own res-1
+    assert t2.in_template("X", 2).name == "sub-01_ses-1_space-X_res-2_desc-synthsrT2w_T1w.nii.gz"
+    assert t2.xfm("X").name == "sub-01_ses-1_res-1_desc-synthsrT2w_from-T1w_to-X_mode-image_xfm.h5"
     assert t2.dseg.name == "sub-01_ses-1_res-1_desc-synthsegT2w_dseg.nii.gz"
     assert flair.figure("mosaic") == tmp_path / "sub-01/figures" / f"{names[0]}_mosaic.png"
     assert parse_synthetic(tmp_path, anat / "sub-01_ses-1_desc-synthsegFLAIR_dseg.nii.gz") is None

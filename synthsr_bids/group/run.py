@@ -41,12 +41,18 @@ MEDIAN_DESC = "median"
 LESION_DESC = "lesion"
 
 
-def median_path(output_dir: Path, template: str) -> Path:
-    return output_dir / f"space-{template}_desc-{MEDIAN_DESC}_T1w.nii.gz"
+def median_path(output_dir: Path, template: str, resolution: int) -> Path:
+    return output_dir / f"space-{template}_res-{resolution}_desc-{MEDIAN_DESC}_T1w.nii.gz"
 
 
-def lesion_map_path(output_dir: Path, template: str) -> Path:
-    return output_dir / f"space-{template}_desc-{LESION_DESC}_probseg.nii.gz"
+def lesion_map_path(output_dir: Path, template: str, resolution: int) -> Path:
+    return output_dir / f"space-{template}_res-{resolution}_desc-{LESION_DESC}_probseg.nii.gz"
+
+
+def resolution_metadata(template: Any) -> str:
+    """The ``Resolution`` sidecar field BIDS requires with a ``res`` entity."""
+    return (f"TemplateFlow resolution index {template.resolution} of {template.name} "
+            f"(tpl-{template.name}_res-{template.resolution:02d})")
 
 
 def _json_of(path: Path) -> Path:
@@ -84,11 +90,11 @@ def _jobs(records: Sequence[ImageRecord], template: Any, config: RunConfig) -> l
             template_mask=template.brain_mask,
             xfm=image.xfm(name),
             xfm_json=image.xfm_json(name),
-            warped=image.in_template(name),
-            warped_json=image.in_template_json(name),
+            warped=image.in_template(name, template.resolution),
+            warped_json=image.in_template_json(name, template.resolution),
             lesion=lesion,
-            warped_lesion=image.lesion_in_template(name) if lesion else None,
-            warped_lesion_json=image.lesion_in_template_json(name) if lesion else None,
+            warped_lesion=image.lesion_in_template(name, template.resolution) if lesion else None,
+            warped_lesion_json=image.lesion_in_template_json(name, template.resolution) if lesion else None,
             transform_type=config.downstream.registration_type,
             overwrite=config.overwrite,
             work_dir=work,
@@ -97,6 +103,7 @@ def _jobs(records: Sequence[ImageRecord], template: Any, config: RunConfig) -> l
                                "and resampled onto the template grid (linear interpolation)",
                 "Sources": [bids_uri_here(image.path, config.output_dir), xfm_uri],
                 "SpatialReference": reference,
+                "Resolution": resolution_metadata(template),
                 "SkullStripped": False,
                 "SynthSR": {"Template": name, "TemplateResolution": template.resolution,
                             "TemplateFile": template.t1w.name},
@@ -106,6 +113,7 @@ def _jobs(records: Sequence[ImageRecord], template: Any, config: RunConfig) -> l
                 "Type": "Lesion",
                 "Sources": [bids_uri_here(image.lesion_mask, config.output_dir), xfm_uri] if lesion else [],
                 "SpatialReference": reference,
+                "Resolution": resolution_metadata(template),
             },
             provenance=provenance,
         ))
@@ -155,13 +163,14 @@ def _population_maps(records: list[ImageRecord], template: Any, config: RunConfi
     if best:
         chosen = [best[s] for s in sorted(best)]
         data, affine = median_image([r.registered for r in chosen], work_dir=config.work_dir / f"group-{config.run_id}")
-        path = median_path(output_dir, name)
+        path = median_path(output_dir, name, template.resolution)
         save_nifti_atomic(data, affine, path)
         write_json_atomic(_json_of(path), {
             "Description": f"Voxel-wise median of the synthetic T1w images registered to {name}, one image per "
                            "participant (the one best correlated with the template)",
             "Sources": [bids_uri_here(r.registered, output_dir) for r in chosen],
             "SpatialReference": template_reference(template),
+            "Resolution": resolution_metadata(template),
             "SkullStripped": False,
             "SynthSR": {"Participants": [f"sub-{s}" for s in sorted(best)], "N": len(chosen), "Template": name,
                         "TemplateResolution": template.resolution, "TemplateFile": template.t1w.name},
@@ -174,13 +183,14 @@ def _population_maps(records: list[ImageRecord], template: Any, config: RunConfi
             masks.setdefault(record.image.subject, []).append(record.registered_lesion)
     if masks:
         frequency, affine, n = lesion_frequency(masks)
-        path = lesion_map_path(output_dir, name)
+        path = lesion_map_path(output_dir, name, template.resolution)
         save_nifti_atomic(frequency, affine, path)
         write_json_atomic(_json_of(path), {
             "Description": f"Lesion frequency in {name}: fraction of the participants with a lesion mask whose "
                            "lesion (union over their images) covers the voxel",
             "Sources": [bids_uri_here(p, output_dir) for s in sorted(masks) for p in masks[s]],
             "SpatialReference": template_reference(template),
+            "Resolution": resolution_metadata(template),
             "SynthSR": {"Participants": [f"sub-{s}" for s in sorted(masks)], "N": n, "Template": name,
                         "TemplateResolution": template.resolution},
         })

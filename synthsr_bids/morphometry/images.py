@@ -123,17 +123,23 @@ class SyntheticImage:
         label: str | None = None,
         desc: str | None = None,
         tail: str = "",
+        resolution: int | None = None,
     ) -> str:
-        """A file name with this image's entities plus ``space``/``label``/``desc``."""
+        """A file name with this image's entities plus ``space``/``label``/``desc``.
+
+        ``res``: this image's own (``res-1`` next to a ``res-native`` copy) on its grid; in a template
+        ``space``, the template's resolution index ``resolution`` (as fMRIPrep's ``space-X_res-2``)."""
         parts = [
             f"{ENTITY_KEYS[key]}-{self.entities[key]}"
             for key in ENTITY_ORDER
             if self.entities.get(key) not in (None, "")
         ]
+        res = self.res
         if space:
             parts.append(f"space-{space}")
-        if self.res:
-            parts.append(f"res-{self.res}")
+            res = None if resolution is None else str(resolution)
+        if res:
+            parts.append(f"res-{res}")
         if label:
             parts.append(f"label-{label}")
         if desc:
@@ -178,20 +184,22 @@ class SyntheticImage:
     def xfm_json(self, template: str) -> Path:
         return self.xfm(template).with_suffix(".json")
 
-    def in_template(self, template: str) -> Path:
-        return self.folder / self.derived_name(suffix="T1w", extension=NII, space=template, desc=self.desc)
+    def in_template(self, template: str, resolution: int) -> Path:
+        return self.folder / self.derived_name(suffix="T1w", extension=NII, space=template, desc=self.desc,
+                                               resolution=resolution)
 
-    def in_template_json(self, template: str) -> Path:
-        return self.folder / self.derived_name(suffix="T1w", extension=".json", space=template, desc=self.desc)
+    def in_template_json(self, template: str, resolution: int) -> Path:
+        return self.folder / self.derived_name(suffix="T1w", extension=".json", space=template, desc=self.desc,
+                                               resolution=resolution)
 
-    def lesion_in_template(self, template: str) -> Path:
+    def lesion_in_template(self, template: str, resolution: int) -> Path:
         return self.folder / self.derived_name(
-            suffix="mask", extension=NII, space=template, label=LESION_LABEL, desc=self.desc
+            suffix="mask", extension=NII, space=template, label=LESION_LABEL, desc=self.desc, resolution=resolution
         )
 
-    def lesion_in_template_json(self, template: str) -> Path:
+    def lesion_in_template_json(self, template: str, resolution: int) -> Path:
         return self.folder / self.derived_name(
-            suffix="mask", extension=".json", space=template, label=LESION_LABEL, desc=self.desc
+            suffix="mask", extension=".json", space=template, label=LESION_LABEL, desc=self.desc, resolution=resolution
         )
 
     def figure(self, kind: str) -> Path:
