@@ -34,6 +34,9 @@ LOGGER = logging.getLogger(__name__)
 #: Voxel sizes outside this range (mm) are taken as a broken header.
 MIN_VOXEL_MM = 0.05
 MAX_VOXEL_MM = 20.0
+#: Largest image (voxels, and voxels of its 1 mm grid) taken: ~2 GB as float64; clinical and
+#: research head scans are far below (a 0.5 mm 7T brain is ~100 million voxels).
+MAX_INPUT_VOXELS = 2**28
 #: qform and sform further apart than this (mm, at the volume corners) are reported.
 QFORM_SFORM_TOLERANCE_MM = 0.1
 
@@ -88,6 +91,29 @@ def _choose_affine(img: nib.Nifti1Image, path: Path, shape: tuple[int, ...]) -> 
     return np.asarray(affine, dtype=np.float64), source, warnings
 
 
+def _check_size(path: Path, shape: tuple[int, ...], zooms: tuple[float, ...]) -> None:
+    """Refuse, from the header alone (before any voxel is read), an image too large to process
+    safely: its voxels, or the 1 mm grid it is resampled onto (a whole-body or spine field of view).
+    Without this, the kernel's out-of-memory killer would end the whole run, not just this scan."""
+    voxels = int(np.prod(shape, dtype=np.int64))
+    if voxels > MAX_INPUT_VOXELS:
+        raise BadInputError(
+            path,
+            f"is too large: {shape} = {voxels / 1e6:.0f} million voxels (at most {MAX_INPUT_VOXELS / 1e6:.0f} "
+            f"million, ~{8 * voxels / 2**30:.1f} GB to load).",
+            "downsample or crop it first (e.g. mri_convert, fslroi), or exclude it with --bids-filter-file.",
+        )
+    extent_mm = [n * abs(float(z)) for n, z in zip(shape, zooms)]
+    grid = int(np.prod([np.ceil(e) for e in extent_mm], dtype=np.float64))
+    if grid > MAX_INPUT_VOXELS:
+        raise BadInputError(
+            path,
+            f"covers a field of view of {' x '.join(f'{e:.0f}' for e in extent_mm)} mm: {grid / 1e6:.0f} million "
+            f"voxels at 1 mm (at most {MAX_INPUT_VOXELS / 1e6:.0f} million).",
+            "crop it to the head first (e.g. FSL's robustfov), or exclude it with --bids-filter-file.",
+        )
+
+
 def load_scan(path: Path | str) -> LoadedScan:
     """Load and check one NIfTI image (see module docstring)."""
     path = Path(path)
@@ -130,6 +156,7 @@ def load_scan(path: Path | str) -> LoadedScan:
     extra = full_shape[3:]
     if any(n > 1 for n in extra[1:]):
         raise BadInputError(path, f"has {len(full_shape)} dimensions (shape {full_shape}); only 3D or 4D images are supported.")
+    _check_size(path, full_shape[:3], img.header.get_zooms()[:3])
     try:
         if extra and extra[0] > 1:
             warnings.append(

@@ -155,3 +155,23 @@ def test_copy_file_atomic_replaces_the_destination_and_leaves_no_temporary(tmp_p
     with pytest.raises(FileNotFoundError):
         copy_file_atomic(tmp_path / "missing.bin", destination)
     assert sorted(p.name for p in destination.parent.iterdir()) == ["b.bin"]
+
+
+@pytest.mark.parametrize(("shape", "zooms", "what"), [
+    ((1100, 1100, 300), (0.2, 0.2, 0.5), "million voxels"),  # 363 million voxels
+    ((400, 400, 400), (1.75, 1.75, 1.75), "field of view of 700 x 700 x 700 mm"),  # 64 million; 343 at 1 mm
+])
+def test_too_large_images_are_refused_from_the_header_alone(tmp_path, shape, zooms, what):
+    """Only the header is written: the check must come before any voxel is read."""
+    header = nib.Nifti1Header()
+    header.set_data_shape(shape)
+    header.set_data_dtype(np.int16)
+    header.set_zooms(zooms)
+    header.set_qform(np.diag([*zooms, 1.0]), code=1)
+    header.set_sform(np.diag([*zooms, 1.0]), code=1)
+    path = tmp_path / "huge.nii"
+    with open(path, "wb") as handle:
+        header.write_to(handle)
+        handle.write(b"\0" * 4 + b"\1\0" * 1000)  # a truncated body
+    with pytest.raises(BadInputError, match=rf"huge\.nii.*{what}"):
+        load_scan(path)
