@@ -376,7 +376,9 @@ def test_auxiliary_outputs_can_be_switched_on_and_off_in_a_running_job(tmp_path:
     off.load_checkpoint(latest_checkpoint(run))
     assert off.reg_config.out_channels == 1 and off.step == 4
     assert torch.equal(off.regressor.state_dict()["head.weight"], on.regressor.state_dict()["head.weight"][:1])
-    off.run(max_steps=1)
+    steps: list = []
+    off.run(max_steps=1, on_step=steps.append)  # trains on without the auxiliary head
+    assert off.step == 5 and len(steps) == 1 and math.isfinite(steps[0].loss)
 
 
 def test_segmenter_config_errors(tmp_path: Path):
@@ -536,7 +538,12 @@ def test_replace_segmenter_in_a_running_regression(tmp_path: Path, volumes):
     metadata["synthsr_bids.segmentation_labels"] = legacy.metadata["labels"]
     save_safetensors(legacy.model, tmp_path / "legacy.safetensors", metadata)
     replace_segmenter(config, tmp_path / "legacy.safetensors")
-    make_trainer(config, volumes).run(max_steps=1)
+    resumed = make_trainer(config, volumes)
+    steps: list = []
+    resumed.run(max_steps=1, on_step=steps.append)
+    assert len(steps) == 1 and steps[0].stage == "regression" and math.isfinite(steps[0].loss)
+    frozen = resumed.segmenter.state_dict()
+    assert all(torch.equal(frozen[k].cpu(), v) for k, v in legacy.model.state_dict().items())  # the legacy weights
 
     from synthsr_bids.training.report import write_training_report
     html = write_training_report(config).read_text()
