@@ -608,9 +608,14 @@ def test_command_line_train_and_export(tmp_path: Path):
         '[regression]\nbase_features = 4\nn_levels = 2\nsteps = 2\nema_decay = 0.9\n'
     )
     cmd = [sys.executable, "-m", "synthsr_bids.training"]
+    # a time budget already spent: no step, a clean exit
+    done = subprocess.run(cmd + ["train", "--config", str(toml), "--max-minutes", "0"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "global step 0 (0 steps this session)" in done.stderr
     done = subprocess.run(cmd + ["train", "--config", str(toml)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "session over: stage done, global step 4" in done.stderr
+    assert "session over: stage done, global step 4 (4 steps this session)" in done.stderr
     run = tmp_path / "run"
     assert (run / "train.log").is_file() and latest_checkpoint(run).name == "ckpt-00000004.pt"
     out = tmp_path / "exported.safetensors"
