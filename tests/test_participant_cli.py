@@ -256,6 +256,45 @@ def test_identity_model_overlays_input_in_world_space(tmp_path, models):
     assert validate_dataset(out).errors == ()
 
 
+def test_ct_flag_clips_hounsfield_units_before_the_network(tmp_path, models):
+    """--ct through the command line: the input is clipped to [0, 80] first, so with a network that
+    returns its input every head voxel (all above 80 in this phantom) comes out saturated."""
+    from scipy import ndimage
+
+    relpath = "sub-01/anat/sub-01_T1w.nii.gz"
+    bids = build_clean_dataset(tmp_path / "ds", layout={relpath: ("T1w", (1, 1, 1), "RAS")})
+    out = tmp_path / "out"
+    assert main([str(bids), str(out), "participant", "--model", str(models["identity"]), "--native-grid", "--ct",
+                 "--disable-sharpening", "--disable-flipping", "--skip-bids-validation", "--skip-segmentation",
+                 "--skip-reports"]) == 0
+    x = nib.load(str(bids / relpath)).get_fdata()
+    got = nib.load(str(out / _expected_name(relpath, res="native"))).get_fdata()
+    head = ndimage.binary_erosion(x > 150, iterations=2)
+    assert head.sum() > 1000 and x[head].std() > 100  # very different tissues in the input...
+    assert got[head].mean() > 120 and got[head].std() < 3  # ...one value out: clip(255 * 80 / 80, 0, 128)
+    assert got[~ndimage.binary_dilation(x > 150, iterations=2)].max() < 5  # air stays dark
+    sidecar = json.loads((out / _expected_name(relpath, res="1").replace(".nii.gz", ".json")).read_text())
+    assert sidecar["SynthSR"]["CTClipping"] is True and sidecar["SynthSR"]["Provenance"]["CTClipping"] is True
+
+
+def test_default_model_is_the_bundled_one_without_sharpening(tmp_path, monkeypatch):
+    """No --model: the bundled model, as its weight file asks (no sharpening), named in the sidecar."""
+    from synthsr_bids.models.registry import DEFAULT_MODEL, REGISTRY
+
+    monkeypatch.setenv("SYNTHSR_BIDS_MODELS", str(tmp_path / "cache"))
+    relpath = "sub-01/anat/sub-01_FLAIR.nii.gz"
+    bids = build_clean_dataset(tmp_path / "ds", layout={relpath: ("FLAIR", (1, 1, 3), "RAS")})
+    out = tmp_path / "out"
+    assert main([str(bids), str(out), "participant", "--skip-bids-validation", "--skip-segmentation",
+                 "--skip-reports", "--nthreads", "2"]) == 0
+    sidecar = json.loads((out / _expected_name(relpath).replace(".nii.gz", ".json")).read_text())
+    model = sidecar["SynthSR"]["Model"]
+    assert model["Name"] == DEFAULT_MODEL and model["SHA256"] == REGISTRY[DEFAULT_MODEL].sha256
+    assert model["License"] == "Apache-2.0" and sidecar["SynthSR"]["Sharpening"] is False
+    image = nib.load(str(out / _expected_name(relpath)))
+    assert np.allclose(image.header.get_zooms(), 1.0) and np.isfinite(image.get_fdata()).all()
+
+
 def test_bad_scans_fail_alone(tmp_path, models, caplog):
     bids = build_clean_dataset(tmp_path / "ds", layout={
         "sub-01/ses-1/anat/sub-01_ses-1_FLAIR.nii.gz": ("FLAIR", (1, 1, 3), "RAS")})
@@ -354,6 +393,21 @@ def test_group_level_reports_missing_participants(clean_run, caplog):
     with caplog.at_level(logging.INFO, logger="synthsr_bids"):
         assert main([str(clean_run["bids"]), str(clean_run["out"]), "group", "--skip-registration"]) == 0
     assert "5 synthetic T1w image(s) for 2 participant(s)" in caplog.text
+
+
+@pytest.mark.parametrize(("selection", "expected"), [
+    (["--participant-label", "sub-02"], {("sub-02", "ses-1")}),
+    (["--participant-label", "01", "--session-label", "2"], {("sub-01", "ses-2")}),
+])
+def test_group_level_takes_only_the_selected_participants_and_sessions(clean_run, tmp_path, selection, expected):
+    import csv
+
+    argv = [str(clean_run["bids"]), str(clean_run["out"]), "group", "--skip-registration", "--skip-reports",
+            "-w", str(tmp_path / "work"), *selection]
+    assert main(argv) == 0
+    with open(clean_run["out"] / "group_desc-qc.tsv", newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    assert rows and {(r["participant_id"], r["session_id"]) for r in rows} == expected
 
 
 def test_one_group_run_at_a_time_and_its_work_folder_is_removed(clean_run, tmp_path, caplog):
