@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import shutil
+import time
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -296,6 +297,25 @@ def copy_file_atomic(source: Path, destination: Path) -> None:
 def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
     """Write a JSON file atomically (sorted keys are not forced: order is kept)."""
     write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def sweep_stale_temporaries(folder: Path, *, older_than_s: float = 3600.0) -> list[Path]:
+    """Delete the temporaries (:func:`_temporary_sibling`) in ``folder`` left by killed jobs.
+
+    Only those untouched for ``older_than_s``: a concurrent job may be writing the newer ones
+    (no write of this package takes anywhere near an hour). Returns what was deleted."""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    now = time.time()
+    for leftover in folder.glob(".tmp-*"):
+        try:
+            if leftover.is_file() and now - leftover.stat().st_mtime > older_than_s:
+                leftover.unlink()
+                removed.append(leftover)
+        except OSError:  # gone meanwhile, or not ours to delete
+            continue
+    return removed
 
 
 def remove_stale_temporaries(folder: Path, name: str) -> None:

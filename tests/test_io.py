@@ -1,4 +1,5 @@
 import os
+import time
 
 import nibabel as nib
 import numpy as np
@@ -6,7 +7,7 @@ import pytest
 
 from bids_builder import axis_affine, scan
 from synthsr_bids.errors import BadInputError
-from synthsr_bids.io import copy_file_atomic, load_scan, save_nifti_atomic
+from synthsr_bids.io import copy_file_atomic, load_scan, save_nifti_atomic, sweep_stale_temporaries
 
 
 def _save(tmp_path, data, affine, name="img.nii.gz"):
@@ -175,3 +176,18 @@ def test_too_large_images_are_refused_from_the_header_alone(tmp_path, shape, zoo
         handle.write(b"\0" * 4 + b"\1\0" * 1000)  # a truncated body
     with pytest.raises(BadInputError, match=rf"huge\.nii.*{what}"):
         load_scan(path)
+
+
+def test_sweep_removes_only_old_temporaries(tmp_path):
+    """A killed job's temporaries go; a concurrent job's fresh one and real files stay."""
+    old = tmp_path / ".tmp-0123456789ab-dataset_description.json"
+    fresh = tmp_path / ".tmp-ba9876543210-descriptions.tsv"
+    real = tmp_path / "descriptions.tsv"
+    for path in (old, fresh, real):
+        path.write_text("x")
+    long_ago = time.time() - 7200
+    os.utime(old, (long_ago, long_ago))
+    os.utime(real, (long_ago, long_ago))
+    assert sweep_stale_temporaries(tmp_path) == [old]
+    assert not old.exists() and fresh.exists() and real.exists()
+    assert sweep_stale_temporaries(tmp_path / "absent") == []

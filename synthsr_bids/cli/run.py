@@ -38,7 +38,10 @@ def setup_logging(verbosity: int, log_file: Path | None = None) -> None:
 
 
 def _prepare_output(config: RunConfig) -> Path:
-    """Create the output and work folders; return the run's log file."""
+    """Create the output and work folders (and sweep the stale temporaries of killed jobs from the
+    shared ones); return the run's log file."""
+    from synthsr_bids.io import sweep_stale_temporaries
+
     try:
         config.output_dir.mkdir(parents=True, exist_ok=True)
         config.work_dir.mkdir(parents=True, exist_ok=True)
@@ -48,6 +51,9 @@ def _prepare_output(config: RunConfig) -> Path:
             probe = folder / f".write-test-{config.run_id}"
             probe.touch()
             probe.unlink()
+        for folder in (config.output_dir, config.output_dir / "figures", logs):
+            for leftover in sweep_stale_temporaries(folder):
+                LOGGER.info("removed %s, left by a job killed while writing", leftover)
     except OSError as exc:
         raise OutputError(
             f"cannot write to {exc.filename or config.output_dir}: {exc.strerror or exc}. "
