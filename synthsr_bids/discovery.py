@@ -343,7 +343,7 @@ def find_scans(config: RunConfig, layout=None) -> list[ScanInput]:
         if config.session_labels:
             query["session"] = list(config.session_labels)
         # Magnitude images only, as niworkflows' default queries: phase/real/imaginary parts are
-        # not images of anatomy. A bids filter on "part" overrides it ("*" takes every part).
+        # not images of anatomy. A bids filter on "part" overrides it (e.g. ["mag", "phase", null]).
         query["part"] = ["mag", Query.NONE]
         query.update(_filters_for(suffix, config.bids_filters))
         for bids_file in layout.get(**query):
