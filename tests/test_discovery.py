@@ -310,6 +310,11 @@ def test_only_magnitude_parts_by_default_and_a_filter_can_ask_for_others(tmp_pat
     chosen = find_scans(_config(root, tmp_path, "--bids-filter-file", str(filters)))
     assert sorted(s.relpath for s in chosen) == ["sub-01/anat/sub-01_T2w.nii.gz",
                                                 "sub-01/anat/sub-01_part-phase_T2starw.nii.gz"]
+    filters.write_text(json.dumps({"anat": {"part": ["mag", "phase", None]}}))  # the README's example
+    every = find_scans(_config(root, tmp_path, "--bids-filter-file", str(filters)))
+    assert sorted(s.relpath for s in every) == ["sub-01/anat/sub-01_T2w.nii.gz",
+                                               "sub-01/anat/sub-01_part-mag_T2starw.nii.gz",
+                                               "sub-01/anat/sub-01_part-phase_T2starw.nii.gz"]
 
 
 def test_parametric_maps_are_taken_when_asked_with_a_warning(tmp_path, caplog):
