@@ -381,6 +381,25 @@ def test_unwritable_work_dir_exits_73(tmp_path, models, unwritable_dir, caplog):
     assert f"cannot write to {unwritable_dir}" in caplog.text
 
 
+def test_small_work_folder_is_warned_about(tmp_path, models, caplog):
+    """As in a container's 64 MB /tmp: the run goes on, with a warning that names the fix."""
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:  # pragma: no cover - not root, or no CAP_SYS_ADMIN
+        pytest.skip("cannot mount a small tmpfs here")
+    try:
+        bids = build_clean_dataset(tmp_path / "ds",
+                                   layout={"sub-01/anat/sub-01_T2w.nii.gz": ("T2w", (1, 1, 2), "RAS")})
+        argv = [str(bids), str(tmp_path / "out"), "participant", "--skip-bids-validation", "--skip-segmentation",
+                "--skip-reports", "--model", str(models["random"]), "-w", str(small)]
+        with caplog.at_level(logging.WARNING, logger="synthsr_bids"):
+            assert main(argv) == 0
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+    assert f"the work folder {small} has only 16 MB free" in caplog.text and "-w/--work-dir" in caplog.text
+
+
 def test_output_under_a_file_exits_73(tmp_path, models):
     bids = build_clean_dataset(tmp_path / "ds", layout={"sub-01/anat/sub-01_T2w.nii.gz": ("T2w", (1, 1, 2), "RAS")})
     blocker = tmp_path / "blocker"

@@ -122,9 +122,10 @@ def test_scripts_request_the_resources(dataset, tmp_path):
         assert subprocess.run([BASH, "-n", str(path)], capture_output=True).returncode == 0
 
 
-def run_array_task(files: slurm.JobFiles, index: int, tmp_path: Path, offset: int | None = None) -> subprocess.CompletedProcess:
+def run_array_task(files: slurm.JobFiles, index: int, tmp_path: Path, offset: int | None = None,
+                   **extra_env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "SLURM_ARRAY_TASK_ID": str(index), "SLURM_ARRAY_JOB_ID": "77", "SLURM_CPUS_PER_TASK": "3",
-           "TMPDIR": str(tmp_path / "node-tmp")}
+           "SLURM_JOB_ID": "78", "TMPDIR": str(tmp_path / "node-tmp"), **extra_env}
     if offset is not None:
         env["SYNTHSR_BIDS_TASK_OFFSET"] = str(offset)
     (tmp_path / "node-tmp").mkdir(exist_ok=True)
@@ -179,8 +180,11 @@ def test_container_commands(dataset, tmp_path, engine):
                                      "--templateflow-home", str(tmp_path / "tf"), "--bind", "/models:/models:ro",
                                      "--gpus", "1", "--", "--model", "/models/m.safetensors"])
     files = slurm.write_job_files(plan)
-    assert run_array_task(files, 2, tmp_path).returncode == 0
-    (args,) = calls(log)
+    assert run_array_task(files, 2, tmp_path, CUDA_VISIBLE_DEVICES="0,1").returncode == 0
+    if engine == "docker":
+        args, kill = calls(log)  # the run, then the EXIT trap's kill of a container still running
+    else:
+        (args,) = calls(log)
     assert args[0] == "run"
     inner = args[args.index(image) + 1 :]
     assert inner == ["/bids", "/out", "participant", "--participant-label", "02", "--nthreads", "3", "--device", "cuda",
@@ -190,10 +194,13 @@ def test_container_commands(dataset, tmp_path, engine):
     flag = "-v" if engine == "docker" else "-B"
     assert [args[i + 1] for i, a in enumerate(args) if a == flag] == mounts
     if engine == "docker":
-        assert {"--rm", "--read-only", "--tmpfs"} <= set(args)
+        assert {"--rm", "--init", "--read-only", "--tmpfs"} <= set(args)
         assert args[args.index("--user") + 1] == f"{os.getuid()}:{os.getgid()}"
         assert args[args.index("-e") + 1] == "TEMPLATEFLOW_HOME=/templateflow"
-        assert "--gpus" in args
+        assert args[args.index("--cpus") + 1] == "3" and args[args.index("--memory") + 1] == "8G"
+        assert args[args.index("--gpus") + 1] == '"device=0,1"'  # docker's CSV syntax for a device list
+        name = args[args.index("--name") + 1]
+        assert name.startswith("synthsr-bids_78_2_") and kill == ["kill", name]
     else:
         assert {"--containall", "--writable-tmpfs", "--nv"} <= set(args)
         assert args[args.index("--env") + 1] == "TEMPLATEFLOW_HOME=/templateflow"
@@ -207,8 +214,10 @@ def test_submit_chains_the_group_job_after_every_array(dataset, tmp_path):
     array_ids, group_id = slurm.submit(plan, files, sbatch=str(sbatch))
     assert array_ids == ["4242", "4242"] and group_id == "4242"
     first, second, group = calls(log)
-    assert first == ["--parsable", "--array=1-2%7", str(files.array_script)]
-    assert second == ["--parsable", "--array=1-1%7", "--export=ALL,SYNTHSR_BIDS_TASK_OFFSET=2", str(files.array_script)]
+    # --max-parallel 7 over two arrays: at most 3 + 3 tasks at once
+    assert first == ["--parsable", "--array=1-2%3", str(files.array_script)]
+    assert second == ["--parsable", "--array=1-1%3", "--export=ALL,SYNTHSR_BIDS_TASK_OFFSET=2", str(files.array_script)]
+    assert "#SBATCH --array=1-2%3" in files.array_script.read_text()
     assert group == ["--parsable", "--dependency=afterany:4242:4242", str(files.group_script)]
 
 
@@ -249,6 +258,8 @@ def run_cli(*argv: str, **kwargs) -> subprocess.CompletedProcess:
         (["--participant-label", "99"], "sub-99"),
         (["--mem", "lots"], "not a SLURM memory size"),
         (["--", "--participant-label", "01"], "set by the job scripts"),
+        (["--", "--nprocs", "16"], "--nprocs after `--` is set by the job scripts"),  # the app's aliases too
+        (["--", "--omp-nthreads=8"], "--omp-nthreads after `--`"),
     ],
 )
 def test_cli_usage_errors_exit_64(dataset, tmp_path, argv, message):
@@ -261,7 +272,40 @@ def test_cli_writes_scripts_and_submit_needs_sbatch(dataset, tmp_path):
     done = run_cli(str(dataset), str(tmp_path / "out"), "--script-dir", str(tmp_path / "jobs"))
     assert done.returncode == 0, done.stderr
     assert f"bash {tmp_path / 'jobs' / 'submit.sh'}" in done.stdout
-    assert (tmp_path / "jobs" / "participants.txt").read_text() == "01\n02\n10\n"
+    (tasks,) = (tmp_path / "jobs").glob("participants-*.txt")
+    assert tasks.read_text() == "01\n02\n10\n" and str(tasks) in (tmp_path / "jobs" / "participant.sbatch").read_text()
     missing = run_cli(str(dataset), str(tmp_path / "out"), "--submit", "--sbatch", str(tmp_path / "no-sbatch"))
     assert missing.returncode == 64
     assert "not found" in missing.stderr
+
+
+def test_empty_participants_file_is_an_error_not_everyone(dataset, tmp_path):
+    comments = tmp_path / "retry.txt"
+    comments.write_text("# nothing failed\n\n")
+    header_only = tmp_path / "participants.tsv"
+    header_only.write_text("participant_id\tage\n")
+    for path, message in ((comments, "lists no participant"), (header_only, "has a header but no participant")):
+        done = run_cli(str(dataset), str(tmp_path / "out"), "--participants-file", str(path))
+        assert done.returncode == 64 and message in done.stderr
+
+
+def test_regenerated_scripts_leave_pending_tasks_their_list(dataset, tmp_path):
+    """A retry generation must not change what the tasks of an earlier, still pending array read."""
+    first = slurm.write_job_files(_plan(dataset, tmp_path, []))
+    first_script = first.array_script.read_text()  # what sbatch copied at submission
+    retry = slurm.write_job_files(_plan(dataset, tmp_path, ["--participant-label", "10"]))
+    assert first.tasks != retry.tasks and first.tasks.read_text() == "01\n02\n10\n"
+    assert retry.tasks.read_text() == "10\n"
+    assert f"TASKS_FILE={first.tasks}" in first_script and f"TASKS_FILE={retry.tasks}" in retry.array_script.read_text()
+    again = slurm.write_job_files(_plan(dataset, tmp_path, []))
+    assert again.tasks == first.tasks  # same list, same file
+
+
+def test_prologue_runs_without_set_u(dataset, tmp_path):
+    """Module systems and conda read unset variables; the job's own lines still run with set -u."""
+    log = tmp_path / "app.log"
+    plan = _plan(dataset, tmp_path, ["--executable", str(recording_tool(tmp_path / "app", log)),
+                                     "--prologue", 'echo "prologue saw [${SURELY_UNSET_VARIABLE}]"'])
+    done = run_array_task(slurm.write_job_files(plan), 1, tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert "prologue saw []" in done.stdout and len(calls(log)) == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -11,6 +12,9 @@ from typing import Sequence
 from synthsr_bids import __version__
 from synthsr_bids.config import RunConfig
 from synthsr_bids.errors import ExitCode, OutputError, SynthSRBidsError, UsageError, ValidationFailedError
+
+#: Below this, the work folder is too small for the group level's registrations (warned, not refused).
+MIN_WORK_FREE_BYTES = 2**30
 
 LOGGER = logging.getLogger("synthsr_bids")
 LOG_FORMAT = "%(asctime)s [%(levelname)s] %(message)s"
@@ -54,6 +58,11 @@ def _prepare_output(config: RunConfig) -> Path:
         for folder in (config.output_dir, config.output_dir / "figures", logs):
             for leftover in sweep_stale_temporaries(folder):
                 LOGGER.info("removed %s, left by a job killed while writing", leftover)
+        free = shutil.disk_usage(config.work_dir).free
+        if free < MIN_WORK_FREE_BYTES:
+            LOGGER.warning("the work folder %s has only %.0f MB free (e.g. a container's /tmp); registrations and "
+                           "large scans need more: bind scratch space and pass -w/--work-dir", config.work_dir,
+                           free / 2**20)
     except OSError as exc:
         raise OutputError(
             f"cannot write to {exc.filename or config.output_dir}: {exc.strerror or exc}. "

@@ -2,9 +2,12 @@
 
 Writes, into one folder (default ``<output_dir>/code/slurm``):
 
-``participants.txt``
+``participants-<hash>.txt``
     one line per array task: a participant label, or ``label<TAB>session`` with
     ``--per-session``. Task *i* (1-based ``SLURM_ARRAY_TASK_ID``) reads line *i*.
+    Named by a hash of its content and never rewritten: tasks of an earlier,
+    still pending array keep reading the list they were submitted with when the
+    scripts are generated again (e.g. to retry some participants).
 ``participant.sbatch``
     the participant-level job array (one task per line), with the CPU, memory,
     time and GPU requests and the command for bare Python, Docker or
@@ -26,6 +29,7 @@ written concurrency-safely (:mod:`synthsr_bids.derivatives.dataset`).
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import re
 import shlex
@@ -39,6 +43,7 @@ from typing import NoReturn, Sequence
 
 from synthsr_bids import __version__
 from synthsr_bids.errors import ExitCode
+from synthsr_bids.io import write_text_atomic
 
 __all__ = [
     "ENGINES",
@@ -64,7 +69,7 @@ LOGGER = logging.getLogger(__name__)
 
 ENGINES = ("none", "docker", "singularity", "apptainer")
 DEFAULT_MAX_ARRAY_SIZE = 1000
-TASKS_FILE = "participants.txt"
+TASKS_FILE_PREFIX = "participants"
 ARRAY_SCRIPT = "participant.sbatch"
 GROUP_SCRIPT = "group.sbatch"
 SUBMIT_SCRIPT = "submit.sh"
@@ -166,6 +171,16 @@ class JobPlan:
     def logs_dir(self) -> Path:
         return self.script_dir / "logs"
 
+    @property
+    def tasks_file(self) -> Path:
+        """The task list of these scripts, named by its content (see the module docstring)."""
+        digest = hashlib.sha256(tasks_text(self.tasks).encode("utf-8")).hexdigest()[:12]
+        return self.script_dir / f"{TASKS_FILE_PREFIX}-{digest}.txt"
+
+
+def tasks_text(tasks: Sequence[Task]) -> str:
+    return "".join(task.line() + "\n" for task in tasks)
+
 
 @dataclass(frozen=True)
 class JobFiles:
@@ -191,10 +206,12 @@ def read_participants_file(path: Path) -> list[str]:
     a ``participants.tsv`` (its ``participant_id`` column)."""
     lines = [line for line in Path(path).read_text().splitlines() if line.strip() and not line.lstrip().startswith("#")]
     if not lines:
-        return []
+        raise ValueError(f"the participants file {path} lists no participant (an empty list would select all)")
     header = lines[0].split("\t")
     if "participant_id" in header:
         column = header.index("participant_id")
+        if len(lines) == 1:
+            raise ValueError(f"the participants file {path} has a header but no participant")
         return [_strip(line.split("\t")[column], "sub-") for line in lines[1:]]
     return [_strip(line, "sub-") for line in lines]
 
@@ -257,8 +274,10 @@ def _header(plan: JobPlan, *, level: str) -> list[str]:
         output = plan.logs_dir / "group-%j.out"
     lines = ["#!/bin/bash", f"#SBATCH --job-name={name}"]
     if level == "participant":
-        size = array_chunks(len(plan.tasks), plan.max_array_size)[0][1] if plan.tasks else 0
-        limit = f"%{res.max_parallel}" if res.max_parallel else ""
+        chunks = array_chunks(len(plan.tasks), plan.max_array_size)
+        size = chunks[0][1] if plan.tasks else 0
+        throttle = per_array_limit(res.max_parallel, len(chunks))
+        limit = f"%{throttle}" if throttle else ""
         lines.append(f"#SBATCH --array=1-{size}{limit}")
     lines += [
         f"#SBATCH --cpus-per-task={cpus}",
@@ -304,10 +323,20 @@ def _app_lines(plan: JobPlan, level: str) -> list[str]:
         env.append(f"TEMPLATEFLOW_HOME={CONTAINER_TEMPLATEFLOW}")
     binds += [_q(b) for b in spec.binds]
     inner = f"{CONTAINER_BIDS} {CONTAINER_OUT} {tail} -w {CONTAINER_WORK}"
+    setup: list[str] = []
     if spec.engine == "docker":
-        options = ["run --rm --read-only --tmpfs /tmp", '--user "$(id -u):$(id -g)"']
+        # --init: signals (scancel, time limit) reach Python; the name lets the EXIT trap kill a container
+        # dockerd would otherwise keep running outside the job's cgroup; the job's CPUs and memory are
+        # enforced inside the container too.
+        mem = plan.resources.mem if level == "participant" else plan.resources.group_mem
+        options = ["run --rm --init --read-only --tmpfs /tmp", '--name "$CONTAINER"', '--user "$(id -u):$(id -g)"',
+                   '--cpus "$NTHREADS"', f"--memory {_q(mem)}"]
+        setup.append('CONTAINER="synthsr-bids_${SLURM_JOB_ID:-local}_${SLURM_ARRAY_TASK_ID:-group}_$$"')
         if gpu:
-            options.append('--gpus "device=${CUDA_VISIBLE_DEVICES:-all}"')
+            # docker parses --gpus as CSV: a device list must be quoted inside the value
+            setup.append('GPUS=all; if [ -n "${CUDA_VISIBLE_DEVICES:-}" ]; then '
+                         r'GPUS="\"device=${CUDA_VISIBLE_DEVICES}\""; fi')
+            options.append('--gpus "$GPUS"')
         options += [f"-v {b}" for b in binds] + [f"-e {e}" for e in env]
     else:  # singularity / apptainer: BABS-style isolation
         options = ["run --containall --writable-tmpfs"]
@@ -315,7 +344,24 @@ def _app_lines(plan: JobPlan, level: str) -> list[str]:
             options.append("--nv")
         options += [f"-B {b}" for b in binds] + [f"--env {e}" for e in env]
     parts = [spec.command(), *options, _q(spec.image), inner]
-    return [" \\\n  ".join(parts)]
+    return [*setup, " \\\n  ".join(parts)]
+
+
+def _cleanup_trap(plan: JobPlan) -> str:
+    """On exit (also after scancel or the time limit): stop a Docker container still running, then
+    delete the task's work folder."""
+    kill = ""
+    if plan.container.engine == "docker":
+        kill = f'[ -n \"${{CONTAINER:-}}\" ] && {plan.container.command()} kill \"$CONTAINER\" >/dev/null 2>&1; '
+    return f"trap '{kill}rm -rf \"$WORK_DIR\"' EXIT"
+
+
+def _prologue_lines(plan: JobPlan) -> list[str]:
+    """The user's prologue, with ``set -u`` off around it: module systems (Lmod, environment-modules)
+    and conda's activation scripts read unset variables and would abort the job under it."""
+    if not plan.prologue:
+        return []
+    return ["set +u", *plan.prologue, "set -u"]
 
 
 def _common_body(plan: JobPlan) -> list[str]:
@@ -336,7 +382,7 @@ def render_array_script(plan: JobPlan) -> str:
         f"#   sbatch --array=<task ids> {_q(plan.script_dir / ARRAY_SCRIPT)}",
         "# (finished scans are skipped on rerun).",
         *_common_body(plan),
-        f"TASKS_FILE={_q(plan.script_dir / TASKS_FILE)}",
+        f"TASKS_FILE={_q(plan.tasks_file)}",
         "",
         ': "${SLURM_ARRAY_TASK_ID:?submit this script with sbatch: it is a job array}"',
         f'TASK_INDEX=$(( SLURM_ARRAY_TASK_ID + ${{{OFFSET_VARIABLE}:-0}} ))',
@@ -352,14 +398,14 @@ def render_array_script(plan: JobPlan) -> str:
         f'NTHREADS="${{SLURM_CPUS_PER_TASK:-{plan.resources.cpus}}}"',
         'WORK_DIR="${WORK_ROOT}/synthsr-bids_${SLURM_ARRAY_JOB_ID:-local}_${SLURM_ARRAY_TASK_ID}"',
         'mkdir -p "$WORK_DIR"',
-        "trap 'rm -rf \"$WORK_DIR\"' EXIT",
+        _cleanup_trap(plan),
         "",
-        *plan.prologue,
+        *_prologue_lines(plan),
         'echo "synthsr-bids: task ${TASK_INDEX}: sub-${SUBJECT}${SESSION:+ ses-${SESSION}} on $(hostname)"',
         "status=0",
     ]
-    command = _app_lines(plan, "participant")
-    lines += [command[0] + " || status=$?", 'echo "synthsr-bids: task ${TASK_INDEX} exit status ${status}"', 'exit "$status"', ""]
+    *setup, command = _app_lines(plan, "participant")
+    lines += [*setup, command + " || status=$?", 'echo "synthsr-bids: task ${TASK_INDEX} exit status ${status}"', 'exit "$status"', ""]
     return "\n".join(lines)
 
 
@@ -371,14 +417,19 @@ def render_group_script(plan: JobPlan) -> str:
         f'NTHREADS="${{SLURM_CPUS_PER_TASK:-{plan.resources.group_cpus}}}"',
         'WORK_DIR="${WORK_ROOT}/synthsr-bids_group_${SLURM_JOB_ID:-local}"',
         'mkdir -p "$WORK_DIR"',
-        "trap 'rm -rf \"$WORK_DIR\"' EXIT",
+        _cleanup_trap(plan),
         "",
-        *plan.prologue,
+        *_prologue_lines(plan),
         "status=0",
     ]
-    command = _app_lines(plan, "group")
-    lines += [command[0] + " || status=$?", 'exit "$status"', ""]
+    *setup, command = _app_lines(plan, "group")
+    lines += [*setup, command + " || status=$?", 'exit "$status"', ""]
     return "\n".join(lines)
+
+
+def per_array_limit(max_parallel: int | None, n_arrays: int) -> int | None:
+    """The ``%N`` of each array so that all the arrays together run at most ``max_parallel`` tasks."""
+    return None if not max_parallel else max(1, max_parallel // max(n_arrays, 1))
 
 
 def _array_option(size: int, max_parallel: int | None) -> str:
@@ -395,10 +446,12 @@ def render_submit_script(plan: JobPlan, sbatch: str = "sbatch") -> str:
         f"cd {_q(plan.script_dir)}",
         "ids=()",
     ]
-    for offset, size in array_chunks(len(plan.tasks), plan.max_array_size):
+    chunks = array_chunks(len(plan.tasks), plan.max_array_size)
+    throttle = per_array_limit(plan.resources.max_parallel, len(chunks))
+    for offset, size in chunks:
         export = f" --export=ALL,{OFFSET_VARIABLE}={offset}" if offset else ""
         lines += [
-            f"id=$({sbatch} --parsable {_array_option(size, plan.resources.max_parallel)}{export} {ARRAY_SCRIPT})",
+            f"id=$({sbatch} --parsable {_array_option(size, throttle)}{export} {ARRAY_SCRIPT})",
             'ids+=("${id%%;*}")',
             f'echo "participant array job ${{id%%;*}}: tasks {offset + 1}-{offset + size}"',
         ]
@@ -417,8 +470,9 @@ def write_job_files(plan: JobPlan) -> JobFiles:
         raise ValueError(f"no participants to process in {plan.bids_dir}")
     plan.script_dir.mkdir(parents=True, exist_ok=True)
     plan.logs_dir.mkdir(parents=True, exist_ok=True)
-    tasks = plan.script_dir / TASKS_FILE
-    tasks.write_text("".join(task.line() + "\n" for task in plan.tasks))
+    tasks = plan.tasks_file
+    if not tasks.is_file():  # same name, same content: an existing file is never rewritten
+        write_text_atomic(tasks, tasks_text(plan.tasks))
     array = plan.script_dir / ARRAY_SCRIPT
     array.write_text(render_array_script(plan))
     group = None
@@ -454,8 +508,10 @@ def _sbatch(sbatch: str, arguments: Sequence[str], cwd: Path) -> str:
 def submit(plan: JobPlan, files: JobFiles, *, sbatch: str = "sbatch") -> tuple[list[str], str | None]:
     """Submit the array(s) then the dependent group job; return the job ids."""
     array_ids = []
-    for offset, size in array_chunks(len(plan.tasks), plan.max_array_size):
-        arguments = [_array_option(size, plan.resources.max_parallel)]
+    chunks = array_chunks(len(plan.tasks), plan.max_array_size)
+    throttle = per_array_limit(plan.resources.max_parallel, len(chunks))
+    for offset, size in chunks:
+        arguments = [_array_option(size, throttle)]
         if offset:
             arguments.append(f"--export=ALL,{OFFSET_VARIABLE}={offset}")
         array_ids.append(_sbatch(sbatch, [*arguments, str(files.array_script)], plan.script_dir))
@@ -542,7 +598,8 @@ def build_parser() -> argparse.ArgumentParser:
     resources.add_argument("--account", help="SLURM account")
     resources.add_argument("--qos", help="SLURM quality of service")
     resources.add_argument("--max-parallel", type=_count(1), metavar="N",
-                           help="run at most N array tasks at once (--array=...%%N)")
+                           help="run at most N participant tasks at once (--array=...%%N; split across the arrays "
+                                "when the list is longer than --max-array-size)")
     resources.add_argument("--max-array-size", type=_count(1), default=DEFAULT_MAX_ARRAY_SIZE, metavar="N",
                            help="split longer lists into several arrays (your cluster's MaxArraySize - 1; default: 1000)")
     resources.add_argument("--sbatch-option", action="append", default=[], metavar="OPTION",
@@ -574,6 +631,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def scripted_app_options() -> set[str]:
+    """Every spelling of the ``synthsr-bids`` options the job scripts set themselves (read from the
+    app's own parser, so that aliases such as ``--nprocs`` are refused too)."""
+    from synthsr_bids.cli.parser import build_parser as app_parser
+
+    scripted = {"participant_label", "session_label", "work_dir", "nthreads"}
+    found = {option for action in app_parser()._actions if action.dest in scripted for option in action.option_strings}
+    missing = scripted - {action.dest for action in app_parser()._actions}
+    if missing:  # pragma: no cover - a renamed option must be renamed here too
+        raise RuntimeError(f"synthsr-bids has no option with dest {sorted(missing)}")
+    return found
+
+
 def _split_app_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     argv = list(argv)
     if "--" in argv:
@@ -593,7 +663,7 @@ def plan_from_args(argv: Sequence[str] | None = None) -> tuple[JobPlan, argparse
         parser.error(f"the BIDS directory {bids_dir} does not exist")
     if opts.engine != "none" and not opts.image:
         parser.error(f"--engine {opts.engine} needs --image")
-    forbidden = {"--participant-label", "--participant_label", "--session-label", "--session_label", "-w", "--work-dir", "--nthreads", "--n-cpus"}
+    forbidden = scripted_app_options()
     clash = sorted(forbidden.intersection(a.split("=")[0] for a in app_args))
     if clash:
         parser.error(f"{', '.join(clash)} after `--` is set by the job scripts; use this command's own options")
