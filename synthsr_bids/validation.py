@@ -279,3 +279,23 @@ def find_unfetched_annex_files(dataset: Path, participant_labels: Iterable[str] 
         if (dataset / name).is_dir():
             candidates += _files_below(dataset / name)
     return [path.relative_to(dataset) for path in candidates if is_unfetched_annex_file(path)]
+
+
+def unfetched_annex_message(dataset: Path, missing: Sequence[Path], *, limit: int = 20) -> str:
+    """What to tell a user about :func:`find_unfetched_annex_files`'s ``missing`` files: up to
+    ``limit`` of them, and the ``datalad get`` (or ``git annex get``) command that fetches them
+    (their participants' folders when there are more)."""
+    import shlex
+
+    shown = [Path(p).as_posix() for p in missing]
+    listing = "\n".join(f"  {p}" for p in shown[:limit])
+    if len(shown) > limit:
+        listing += f"\n  ... and {len(shown) - limit} more"
+    targets = shown if len(shown) <= limit else sorted({Path(p).parts[0] for p in missing})
+    paths = " ".join(shlex.quote(t) for t in targets)
+    folder = shlex.quote(str(dataset))
+    return (
+        f"{len(shown)} file(s) of {dataset} are git-annex (DataLad) placeholders whose content has not been "
+        f"fetched:\n{listing}\nFetch the content first: cd {folder} && datalad get {paths}\n"
+        f"(or, without DataLad: cd {folder} && git annex get {paths}), then run again."
+    )

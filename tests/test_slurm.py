@@ -269,12 +269,15 @@ def test_cli_usage_errors_exit_64(dataset, tmp_path, argv, message):
 
 
 def test_cli_writes_scripts_and_submit_needs_sbatch(dataset, tmp_path):
-    done = run_cli(str(dataset), str(tmp_path / "out"), "--script-dir", str(tmp_path / "jobs"))
+    done = run_cli(str(dataset), str(tmp_path / "out"), "--script-dir", str(tmp_path / "jobs"), "--",
+                   "--skip-bids-validation")  # folders only: not valid BIDS
     assert done.returncode == 0, done.stderr
+    assert (tmp_path / "jobs" / "participant.sbatch").read_text().count("--skip-bids-validation") == 1
     assert f"bash {tmp_path / 'jobs' / 'submit.sh'}" in done.stdout
     (tasks,) = (tmp_path / "jobs").glob("participants-*.txt")
     assert tasks.read_text() == "01\n02\n10\n" and str(tasks) in (tmp_path / "jobs" / "participant.sbatch").read_text()
-    missing = run_cli(str(dataset), str(tmp_path / "out"), "--submit", "--sbatch", str(tmp_path / "no-sbatch"))
+    missing = run_cli(str(dataset), str(tmp_path / "out"), "--submit", "--sbatch", str(tmp_path / "no-sbatch"), "--",
+                      "--skip-bids-validation")
     assert missing.returncode == 64
     assert "not found" in missing.stderr
 
@@ -309,3 +312,29 @@ def test_prologue_runs_without_set_u(dataset, tmp_path):
     done = run_array_task(slurm.write_job_files(plan), 1, tmp_path)
     assert done.returncode == 0, done.stderr
     assert "prologue saw []" in done.stdout and len(calls(log)) == 1
+
+
+def test_the_input_is_validated_once_at_generation_and_the_jobs_skip_it(tmp_path):
+    """The real validator, once: N tasks would each read the whole dataset."""
+    from bids_builder import add_scan, build_clean_dataset, scan
+
+    bids = build_clean_dataset(tmp_path / "ds", layout={"sub-01/anat/sub-01_T2w.nii.gz": ("T2w", (1, 1, 2), "RAS"),
+                                                        "sub-02/anat/sub-02_FLAIR.nii.gz": ("FLAIR", (1, 1, 2), "RAS")})
+    done = run_cli(str(bids), str(tmp_path / "out"), "--script-dir", str(tmp_path / "jobs"))
+    assert done.returncode == 0, done.stderr
+    assert "BIDS validation passed" in done.stdout and "for the 2 participant(s)" in done.stdout
+    for script in ("participant.sbatch", "group.sbatch"):
+        assert " --skip-bids-validation" in (tmp_path / "jobs" / script).read_text()
+    (bids / "sub-02" / "anat" / "sub-02_FLAIR.nii.gz").write_bytes(b"not a nifti")  # an invalid file
+    failed = run_cli(str(bids), str(tmp_path / "out"), "--script-dir", str(tmp_path / "jobs2"))
+    assert failed.returncode == 16 and "not valid BIDS" in failed.stderr and "sub-02" in failed.stderr
+    assert not (tmp_path / "jobs2").exists()  # nothing written for a dataset that fails
+    only_01 = run_cli(str(bids), str(tmp_path / "out"), "--script-dir", str(tmp_path / "jobs3"),
+                      "--participant-label", "01")  # the check covers the selected participants
+    assert only_01.returncode == 0, only_01.stderr
+    add_scan(bids, "sub-01/anat/sub-01_T1w.nii.gz", scan("T1w"))
+    annexed = bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    annexed.unlink()
+    annexed.symlink_to("../../.git/annex/objects/Xx/Yy/KEY/KEY")
+    fetch = run_cli(str(bids), str(tmp_path / "out"), "--script-dir", str(tmp_path / "jobs4"), "--participant-label", "01")
+    assert fetch.returncode == 65 and "datalad get sub-01/anat/sub-01_T1w.nii.gz" in fetch.stderr

@@ -79,12 +79,11 @@ def _validate_input(config: RunConfig) -> None:
     The validator's time limit is ``$SYNTHSR_BIDS_VALIDATOR_TIMEOUT`` (default 600 s); a
     validator that is missing, crashes or times out gives no verdict: usage error (64).
     """
-    import shlex
-
     from synthsr_bids.errors import InputDataError
     from synthsr_bids.validation import (
         ValidatorUnavailableError,
         find_unfetched_annex_files,
+        unfetched_annex_message,
         validate_dataset,
     )
 
@@ -95,22 +94,7 @@ def _validate_input(config: RunConfig) -> None:
     labels = config.participant_labels
     missing = find_unfetched_annex_files(config.bids_dir, labels)
     if missing:
-        limit = 20
-        shown = [p.as_posix() for p in missing]
-        listing = "\n".join(f"  {p}" for p in shown[:limit])
-        if len(shown) > limit:
-            listing += f"\n  ... and {len(shown) - limit} more"
-        # few files: name them; many: fetch their participants' folders (or root files)
-        targets = shown if len(shown) <= limit else sorted({p.parts[0] for p in missing})
-        paths = " ".join(shlex.quote(t) for t in targets)
-        folder = shlex.quote(str(config.bids_dir))
-        raise InputDataError(
-            f"{len(shown)} file(s) of {config.bids_dir} are git-annex (DataLad) "
-            "placeholders whose content has not been fetched:\n"
-            f"{listing}\n"
-            f"Fetch the content first: cd {folder} && datalad get {paths}\n"
-            f"(or, without DataLad: cd {folder} && git annex get {paths}), then run again."
-        )
+        raise InputDataError(unfetched_annex_message(config.bids_dir, missing))
     try:
         report = validate_dataset(config.bids_dir, participant_labels=labels)
     except ValidatorUnavailableError as exc:

@@ -29,6 +29,7 @@ written concurrency-safely (:mod:`synthsr_bids.derivatives.dataset`).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import hashlib
 import logging
 import re
@@ -529,7 +530,9 @@ DESCRIPTION = """\
 Write SLURM job scripts that run synthsr-bids on a whole dataset: a job array with
 one task per participant (or participant-session), then a group-level job that
 starts when every task has ended (--dependency=afterany). Options after `--` are
-passed to synthsr-bids at both levels.
+passed to synthsr-bids at both levels. The input is validated once, here (the
+official BIDS validator on the selected participants, and a check for un-fetched
+DataLad files), and the jobs skip that check; `-- --skip-bids-validation` skips it.
 
 Examples:
   synthsr-bids-slurm /data/ds /data/ds/derivatives/synthsr --cpus 4 --mem 16G --submit
@@ -712,9 +715,47 @@ def plan_from_args(argv: Sequence[str] | None = None) -> tuple[JobPlan, argparse
     return plan, opts
 
 
+SKIP_VALIDATION = ("--skip-bids-validation", "--skip_bids_validation")
+
+
+def validate_once(plan: JobPlan) -> tuple[JobPlan, int | None]:
+    """Check the input once, here, rather than in every task: each validator run reads the whole
+    dataset, so N tasks would read it N times (N x N files) on shared storage. Returns the plan
+    whose jobs skip the check, or an exit code (65, 16 or 64) after printing why."""
+    from synthsr_bids.validation import (
+        ValidatorUnavailableError,
+        find_unfetched_annex_files,
+        unfetched_annex_message,
+        validate_dataset,
+    )
+
+    if any(a in SKIP_VALIDATION for a in plan.app_args):
+        return plan, None
+    labels = sorted({task.subject for task in plan.tasks})
+    missing = find_unfetched_annex_files(plan.bids_dir, labels)
+    if missing:
+        print(f"synthsr-bids-slurm: {unfetched_annex_message(plan.bids_dir, missing)}", file=sys.stderr)
+        return plan, int(ExitCode.DATA_ERROR)
+    try:
+        report = validate_dataset(plan.bids_dir, participant_labels=labels)
+    except ValidatorUnavailableError as exc:
+        print(f"synthsr-bids-slurm: {exc} (or pass `-- --skip-bids-validation`)", file=sys.stderr)
+        return plan, int(ExitCode.USAGE)
+    if report.errors:
+        print(f"synthsr-bids-slurm: the input dataset is not valid BIDS:\n{report.summary()}\n"
+              "Fix the dataset, or pass `-- --skip-bids-validation` at your own risk.", file=sys.stderr)
+        return plan, int(ExitCode.VALIDATION_FAILED)
+    print(f"BIDS validation passed ({len(report.warnings)} warnings) for the {len(labels)} participant(s): "
+          "the jobs do not repeat it")
+    return dataclasses.replace(plan, app_args=(*plan.app_args, SKIP_VALIDATION[0])), None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     plan, opts = plan_from_args(argv)
+    plan, failed = validate_once(plan)
+    if failed is not None:
+        return failed
     try:
         files = write_job_files(plan)
     except OSError as exc:
