@@ -154,20 +154,12 @@ def _base_ignore() -> list[Any]:
     ]
 
 
-def _is_within(path: Path, other: Path) -> bool:
-    try:
-        path.relative_to(other)
-    except ValueError:
-        return False
-    return True
-
-
 def check_database_dir(database_dir: Path, bids_dir: Path) -> Path:
     """The resolved ``--bids-database-dir``; refuse one inside the input dataset
     (the input dataset is never written to)."""
     database = Path(database_dir).expanduser().resolve()
     bids = Path(bids_dir).expanduser().resolve()
-    if _is_within(database, bids):
+    if database.is_relative_to(bids):
         raise UsageError(
             f"--bids-database-dir {database} is inside the input dataset {bids}; "
             "synthsr-bids never writes into the input dataset. Fix: choose a folder "

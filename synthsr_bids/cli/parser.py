@@ -28,7 +28,7 @@ from synthsr_bids.config import (
     InferenceSettings,
     RunConfig,
 )
-from synthsr_bids.errors import ExitCode
+from synthsr_bids.errors import ExitCode, UsageError
 
 DESCRIPTION = f"""\
 synthsr-bids {__version__}: turn clinical brain MRI of any contrast (T1w, T2w, FLAIR,
@@ -380,14 +380,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _is_relative_to(path: Path, other: Path) -> bool:
-    try:
-        path.relative_to(other)
-    except ValueError:
-        return False
-    return True
-
-
 def check_paths(
     parser: argparse.ArgumentParser, bids_dir: Path, output_dir: Path, work_dir: Path
 ) -> None:
@@ -397,16 +389,12 @@ def check_paths(
             "the output directory must not be the BIDS dataset itself; use e.g. "
             f"{bids_dir / 'derivatives' / 'synthsr'}"
         )
-    if _is_relative_to(output_dir, bids_dir) and not _is_relative_to(
-        output_dir, bids_dir / "derivatives"
-    ):
+    if output_dir.is_relative_to(bids_dir) and not output_dir.is_relative_to(bids_dir / "derivatives"):
         parser.error(
             f"the output directory {output_dir} is inside the raw dataset but not under "
             f"its derivatives/ folder; use e.g. {bids_dir / 'derivatives' / 'synthsr'}"
         )
-    if _is_relative_to(work_dir, bids_dir) and not _is_relative_to(
-        work_dir, bids_dir / "derivatives"
-    ):
+    if work_dir.is_relative_to(bids_dir) and not work_dir.is_relative_to(bids_dir / "derivatives"):
         parser.error(
             f"the work directory {work_dir} must not be inside the raw dataset {bids_dir}"
         )
@@ -435,15 +423,14 @@ def parse_args(argv: Sequence[str] | None = None) -> RunConfig:
         else default_work_dir()
     )
     check_paths(parser, bids_dir, output_dir, work_dir)
-    bids_database_dir = (
-        opts.bids_database_dir.expanduser().resolve() if opts.bids_database_dir else None
-    )
-    if bids_database_dir is not None and _is_relative_to(bids_database_dir, bids_dir):
-        parser.error(
-            f"--bids-database-dir {bids_database_dir} is inside the input dataset "
-            f"{bids_dir}, which is never written to; choose a folder outside it, "
-            f"e.g. {work_dir / 'bids_db'}"
-        )
+    bids_database_dir = None
+    if opts.bids_database_dir is not None:
+        from synthsr_bids.discovery import check_database_dir
+
+        try:
+            bids_database_dir = check_database_dir(opts.bids_database_dir, bids_dir)
+        except UsageError as exc:
+            parser.error(str(exc))
 
     unknown = [c for c in opts.contrasts if not re.match(r"^[A-Za-z0-9]+$", c)]
     if unknown:
