@@ -338,3 +338,40 @@ def test_a_full_size_sample_is_well_formed_and_its_speed_is_reported(scheme, con
     finally:
         torch.set_num_threads(threads)
     print(f"\ngenerator: {sorted(times)[1]:.3f} s per 96^3 sample (median of 3, 1 thread)")
+
+
+def _head_with_a_spinal_canal(scheme):
+    """The phantom head on top of a long CSF column (label 24) running down into a 'neck', as the
+    extra-cerebral CSF of many SynthSeg training maps does."""
+    head = head_phantom((48, 48, 48))
+    labels = np.zeros((48, 48, 120), dtype=np.int32)
+    labels[:, :, 72:] = head
+    labels[21:27, 21:27, 0:80] = 24
+    return label_volume_from_array(labels, scheme, name="canal")
+
+
+def test_tissue_box_leaves_out_the_csf_column(scheme):
+    volume = _head_with_a_spinal_canal(scheme)
+    (brain_low, brain_high), (tissue_low, tissue_high) = volume.brain_box, volume.tissue_box
+    assert brain_high[2] - brain_low[2] > 100  # the head box runs down the canal
+    assert brain_high[2] - tissue_high[2] <= 3 and tissue_high[2] - tissue_low[2] < 45  # the tissue box: the head
+    centre, extent = volume.box_centre_extent("tissue")
+    assert np.array_equal(extent, np.subtract(tissue_high, tissue_low))
+    assert np.array_equal(volume.box_centre_extent("brain")[0], volume.brain_centre)
+
+
+def test_tissue_crops_hold_more_brain_and_probability_zero_keeps_the_stream(scheme, contrasts):
+    volume = _head_with_a_spinal_canal(scheme)
+    tissue_channels = [i for i, v in enumerate(scheme.segmentation_labels) if v not in (0, 24)]
+
+    def brain_fraction(prob: float, seed: int = 3) -> float:
+        config = GeneratorConfig(crop_shape=(32, 32, 32), tissue_crop_prob=prob)
+        gen = SynthGenerator([volume], scheme, contrasts, config, seed=seed)
+        return float(np.mean([np.isin(gen.sample()[2].numpy(), tissue_channels).mean() for _ in range(12)]))
+
+    assert brain_fraction(1.0) > 2 * brain_fraction(0.0)
+    # probability 0 draws nothing extra: the same samples as before the option existed
+    a = SynthGenerator([volume], scheme, contrasts, GeneratorConfig(crop_shape=(32, 32, 32)), seed=5).sample()
+    b = SynthGenerator([volume], scheme, contrasts, GeneratorConfig(crop_shape=(32, 32, 32), tissue_crop_prob=0.0),
+                       seed=5).sample()
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])

@@ -78,6 +78,10 @@ class GeneratorConfig:
     rotation_deg: float = 15.0  #: U(-r, r) per axis
     shear: float = 0.02  #: U(-s, s) per shear term
     translation_mm: float = 4.0  #: N(0, t) jitter of the crop centre, on top of the random crop
+    #: Share of crops centred in the brain tissue box (:attr:`LabelVolume.tissue_box`) instead of the
+    #: whole-head box: in many label maps the extra-cerebral CSF runs down the spinal canal, so head-box
+    #: crops land on the neck in about a third of the samples. 0 keeps the random stream unchanged.
+    tissue_crop_prob: float = 0.0
     svf_std_max: float = 4.0  #: velocity ~ N(0, s), s ~ U(0, svf_std_max), in mm
     svf_spacing_mm: float = 32.0  #: node spacing of the velocity field (~1/32 of a 256 mm field)
     svf_steps: int = 7
@@ -121,7 +125,7 @@ class GeneratorConfig:
         if sum(p for _, p in self.contrast_probs) <= 0:
             raise ValueError("contrast_probs must have a positive total")
         for name in ("flip_prob", "skull_strip_prob", "isotropic_prob", "oblique_prob", "plaque_prob",
-                     "stroke_prob", "tumour_prob"):
+                     "stroke_prob", "tumour_prob", "tissue_crop_prob"):
             value = getattr(self, name)
             if not 0.0 <= value <= 1.0:
                 raise ValueError(f"GeneratorConfig.{name} must be in [0, 1], got {value}")
@@ -270,8 +274,11 @@ class SynthGenerator:
             rng.uniform_tensor(-cfg.rotation_deg, cfg.rotation_deg, (3,)),
             rng.uniform_tensor(-cfg.shear, cfg.shear, (3,)),
         )
-        slack = np.maximum(volume.brain_extent - np.asarray(shape), 0.0) / 2.0
-        centre = (volume.brain_centre + rng.uniform_tensor(-torch.from_numpy(slack), torch.from_numpy(slack), (3,)).numpy()
+        # no draw at probability 0: runs started before this option keep their random stream
+        tissue = cfg.tissue_crop_prob > 0 and rng.bernoulli(cfg.tissue_crop_prob)
+        box_centre, box_extent = volume.box_centre_extent("tissue" if tissue else "brain")
+        slack = np.maximum(box_extent - np.asarray(shape), 0.0) / 2.0
+        centre = (box_centre + rng.uniform_tensor(-torch.from_numpy(slack), torch.from_numpy(slack), (3,)).numpy()
                   + rng.normal_tensor(0.0, cfg.translation_mm, (3,)).numpy())
         svf_std = rng.uniform(0.0, cfg.svf_std_max)
         coords = identity_coordinates(shape, device=self.device)  # type: ignore[arg-type]

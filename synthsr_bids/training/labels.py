@@ -46,6 +46,8 @@ LEFT_RIGHT_PAIRS: Mapping[int, int] = {
     19: 55, 20: 56, 25: 57, 26: 58, 27: 59, 28: 60, 30: 62, 31: 63, 136: 163, 137: 164,
 }
 
+#: FreeSurfer's extra-ventricular CSF: left out of :attr:`LabelVolume.tissue_box`.
+EXTRA_VENTRICULAR_CSF = 24
 #: FreeSurfer labels of midline structures (3rd/4th ventricle, brainstem) used to find the midline.
 MIDLINE_LABELS = (14, 15, 16)
 
@@ -251,21 +253,28 @@ class LabelVolume:
         indices: ``uint8`` array of generation label indices, cropped to the non-background box.
         brain_box: ``(low, high)`` voxel corners (inclusive, exclusive) of the non-extra-cerebral
             foreground inside ``indices``.
+        tissue_box: the same without the extra-ventricular CSF (label 24), which in many label maps
+            runs down the spinal canal into the neck; ``None``: the brain box.
     """
 
     name: str
     indices: np.ndarray
     brain_box: tuple[tuple[int, int, int], tuple[int, int, int]]
+    tissue_box: tuple[tuple[int, int, int], tuple[int, int, int]] | None = None
+
+    def box_centre_extent(self, which: str = "brain") -> tuple[np.ndarray, np.ndarray]:
+        """Centre (voxels) and extent of the ``"brain"`` or ``"tissue"`` box."""
+        box = self.tissue_box if which == "tissue" and self.tissue_box is not None else self.brain_box
+        low, high = (np.asarray(c, dtype=np.float64) for c in box)
+        return (low + high - 1) / 2, high - low
 
     @property
     def brain_centre(self) -> np.ndarray:
-        low, high = (np.asarray(c, dtype=np.float64) for c in self.brain_box)
-        return (low + high - 1) / 2
+        return self.box_centre_extent("brain")[0]
 
     @property
     def brain_extent(self) -> np.ndarray:
-        low, high = (np.asarray(c, dtype=np.float64) for c in self.brain_box)
-        return high - low
+        return self.box_centre_extent("brain")[1]
 
 
 def split_hemispheres(labels: np.ndarray, *, left_labels: Sequence[int] | None = None) -> np.ndarray:
@@ -338,7 +347,12 @@ def label_volume_from_array(
     if not len(brain_vox):
         raise LabelFileError(source or name, "has no brain labels (only background and extra-cerebral labels)")
     box = (tuple(int(v) for v in brain_vox.min(0)), tuple(int(v) + 1 for v in brain_vox.max(0)))
-    return LabelVolume(name=name, indices=indices, brain_box=box)  # type: ignore[arg-type]
+    tissue_box = box
+    if EXTRA_VENTRICULAR_CSF in position:
+        tissue_vox = np.argwhere(brain & (indices != position[EXTRA_VENTRICULAR_CSF]))
+        if len(tissue_vox):
+            tissue_box = (tuple(int(v) for v in tissue_vox.min(0)), tuple(int(v) + 1 for v in tissue_vox.max(0)))
+    return LabelVolume(name=name, indices=indices, brain_box=box, tissue_box=tissue_box)  # type: ignore[arg-type]
 
 
 def load_label_map(
