@@ -32,13 +32,15 @@ def make_dataset(root: Path, layout: dict[str, list[str]]) -> Path:
     return root
 
 
-def recording_tool(path: Path, log: Path, stdout: str = "") -> Path:
-    """An executable that appends its arguments (one per line, then ---) to ``log``."""
+def recording_tool(path: Path, log: Path, stdout: str = "", fail_on: str | None = None) -> Path:
+    """An executable that appends its arguments (one per line, then ---) to ``log``; with ``fail_on``,
+    exits 1 when its first argument is that (as ``docker kill`` does for a container already gone)."""
     path.write_text(
         "#!/bin/bash\n"
         f'for a in "$@"; do printf "%s\\n" "$a" >> {log}; done\n'
         f'echo --- >> {log}\n'
         + (f"echo '{stdout}'\n" if stdout else "")
+        + (f'if [ "$1" = {fail_on} ]; then exit 1; fi\n' if fail_on else "")
     )
     path.chmod(path.stat().st_mode | stat.S_IXUSR)
     return path
@@ -174,13 +176,15 @@ def test_array_task_passes_the_app_exit_status(dataset, tmp_path):
 @pytest.mark.parametrize("engine", ["docker", "apptainer", "singularity"])
 def test_container_commands(dataset, tmp_path, engine):
     log = tmp_path / "engine.log"
-    engine_tool = recording_tool(tmp_path / engine, log)
+    engine_tool = recording_tool(tmp_path / engine, log, fail_on="kill")  # --rm already removed the container
     image = "synthsr/synthsr-bids:0.1.0" if engine == "docker" else "/images/synthsr-bids.sif"
     plan = _plan(dataset, tmp_path, ["--engine", engine, "--image", image, "--executable", str(engine_tool),
                                      "--templateflow-home", str(tmp_path / "tf"), "--bind", "/models:/models:ro",
                                      "--gpus", "1", "--", "--model", "/models/m.safetensors"])
     files = slurm.write_job_files(plan)
-    assert run_array_task(files, 2, tmp_path, CUDA_VISIBLE_DEVICES="0,1").returncode == 0
+    done = run_array_task(files, 2, tmp_path, CUDA_VISIBLE_DEVICES="0,1")
+    assert done.returncode == 0, done.stderr  # the app's status, not the trap's
+    assert not (tmp_path / "node-tmp" / "synthsr-bids_77_2").exists()  # the work folder is still removed
     if engine == "docker":
         args, kill = calls(log)  # the run, then the EXIT trap's kill of a container still running
     else:
@@ -338,3 +342,8 @@ def test_the_input_is_validated_once_at_generation_and_the_jobs_skip_it(tmp_path
     annexed.symlink_to("../../.git/annex/objects/Xx/Yy/KEY/KEY")
     fetch = run_cli(str(bids), str(tmp_path / "out"), "--script-dir", str(tmp_path / "jobs4"), "--participant-label", "01")
     assert fetch.returncode == 65 and "datalad get sub-01/anat/sub-01_T1w.nii.gz" in fetch.stderr
+
+
+@pytest.mark.parametrize(("requested", "expected"), [("8G", "8G"), ("16000", "16000M"), ("512M", "512M"), ("0", None)])
+def test_docker_memory_units(requested, expected):
+    assert slurm.docker_memory(requested) == expected

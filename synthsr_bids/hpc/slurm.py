@@ -331,7 +331,9 @@ def _app_lines(plan: JobPlan, level: str) -> list[str]:
         # enforced inside the container too.
         mem = plan.resources.mem if level == "participant" else plan.resources.group_mem
         options = ["run --rm --init --read-only --tmpfs /tmp", '--name "$CONTAINER"', '--user "$(id -u):$(id -g)"',
-                   '--cpus "$NTHREADS"', f"--memory {_q(mem)}"]
+                   '--cpus "$NTHREADS"']
+        if docker_memory(mem):
+            options.append(f"--memory {_q(docker_memory(mem))}")
         setup.append('CONTAINER="synthsr-bids_${SLURM_JOB_ID:-local}_${SLURM_ARRAY_TASK_ID:-group}_$$"')
         if gpu:
             # docker parses --gpus as CSV: a device list must be quoted inside the value
@@ -348,12 +350,21 @@ def _app_lines(plan: JobPlan, level: str) -> list[str]:
     return [*setup, " \\\n  ".join(parts)]
 
 
+def docker_memory(slurm_mem: str) -> str | None:
+    """SLURM's memory size for ``docker --memory`` (``None``: SLURM's 0, all the node's memory). A bare
+    number is megabytes to SLURM, bytes to docker."""
+    if int(re.sub(r"\D", "", slurm_mem) or 0) == 0:
+        return None
+    return f"{slurm_mem}M" if slurm_mem.isdigit() else slurm_mem
+
+
 def _cleanup_trap(plan: JobPlan) -> str:
     """On exit (also after scancel or the time limit): stop a Docker container still running, then
     delete the task's work folder."""
     kill = ""
     if plan.container.engine == "docker":
-        kill = f'[ -n \"${{CONTAINER:-}}\" ] && {plan.container.command()} kill \"$CONTAINER\" >/dev/null 2>&1; '
+        # never fails (the trap runs under set -e): after a normal end --rm has removed the container
+        kill = f'{{ [ -z \"${{CONTAINER:-}}\" ] || {plan.container.command()} kill \"$CONTAINER\" >/dev/null 2>&1 || true; }}; '
     return f"trap '{kill}rm -rf \"$WORK_DIR\"' EXIT"
 
 
