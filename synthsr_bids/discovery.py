@@ -155,16 +155,16 @@ def _base_ignore() -> list[Any]:
 
 
 def check_database_dir(database_dir: Path, bids_dir: Path) -> Path:
-    """The resolved ``--bids-database-dir``; refuse one inside the input dataset
-    (the input dataset is never written to)."""
+    """The resolved ``--bids-database-dir``; refuse one inside the input dataset (never written to),
+    except under its ``derivatives/`` (where outputs may go too, and which is never indexed)."""
     database = Path(database_dir).expanduser().resolve()
     bids = Path(bids_dir).expanduser().resolve()
-    if database.is_relative_to(bids):
+    if database.is_relative_to(bids) and not database.is_relative_to(bids / "derivatives"):
         raise UsageError(
             f"--bids-database-dir {database} is inside the input dataset {bids}; "
             "synthsr-bids never writes into the input dataset. Fix: choose a folder "
-            f"outside it, e.g. {bids.parent / (bids.name + '_pybids_db')} or one under "
-            "the work directory."
+            f"outside it, e.g. {bids.parent / (bids.name + '_pybids_db')}, one under "
+            "the work directory, or one under its derivatives/."
         )
     return database
 

@@ -104,6 +104,8 @@ def _check_size(path: Path, shape: tuple[int, ...], zooms: tuple[float, ...]) ->
             f"million, ~{8 * voxels / 2**30:.1f} GB to load).",
             "downsample or crop it first (e.g. mri_convert, fslroi), or exclude it with --bids-filter-file.",
         )
+    if not np.all(np.isfinite(zooms)):
+        return  # a broken affine: refused with its own message once the header is checked
     extent_mm = [n * abs(float(z)) for n, z in zip(shape, zooms)]
     grid = int(np.prod([np.ceil(e) for e in extent_mm], dtype=np.float64))
     if grid > MAX_INPUT_VOXELS:
@@ -157,7 +159,9 @@ def load_scan(path: Path | str) -> LoadedScan:
     extra = full_shape[3:]
     if any(n > 1 for n in extra[1:]):
         raise BadInputError(path, f"has {len(full_shape)} dimensions (shape {full_shape}); only 3D or 4D images are supported.")
-    _check_size(path, full_shape[:3], img.header.get_zooms()[:3])
+    # the affine the pipeline will use (header only): its voxel sizes decide the 1 mm grid's size
+    affine, source, affine_warnings = _choose_affine(img, path, full_shape[:3])
+    _check_size(path, full_shape[:3], tuple(np.sqrt((affine[:3, :3] ** 2).sum(axis=0))))
     try:
         if extra and extra[0] > 1:
             warnings.append(
@@ -178,7 +182,6 @@ def load_scan(path: Path | str) -> LoadedScan:
             f"has shape {shape}: a single slice cannot be turned into a 3D volume.",
         )
 
-    affine, source, affine_warnings = _choose_affine(img, path, shape)
     warnings.extend(affine_warnings)
     if not np.all(np.isfinite(affine)):
         raise BadInputError(path, "has a non-finite voxel-to-world affine.", "fix the header (e.g. with fslorient or nibabel).")

@@ -116,6 +116,11 @@ def test_provenance_roundtrip(tmp_path):
     assert not provenance_matches(sidecar, {**prov, "Precision": "float16-autocast"})  # --half on a GPU
     sidecar.write_text("{truncated")
     assert not provenance_matches(sidecar, prov)
+    # written before Precision joined the provenance: SynthSR.Precision stands in (an upgrade redoes nothing)
+    old = {k: v for k, v in prov.items() if k != "Precision"}
+    sidecar.write_text(json.dumps({"SynthSR": {"Provenance": old, "Precision": "float32"}}))
+    assert provenance_matches(sidecar, prov)
+    assert not provenance_matches(sidecar, {**prov, "Precision": "float16-autocast"})
 
 
 def test_dataset_description_without_hard_links(tmp_path, monkeypatch):

@@ -191,7 +191,7 @@ def test_database_key_depends_on_settings_and_pybids_version(clean):
         assert discovery.database_folder(clean.parent / "db", {**settings, **change}) != folder
 
 
-@pytest.mark.parametrize("where", ["derivatives/pybids_db", ".", "code/db", "via-symlink"])
+@pytest.mark.parametrize("where", [".", "code/db", "sub-01/db", "via-symlink"])
 def test_database_inside_the_input_dataset_is_refused(clean, tmp_path, where, capsys):
     if where == "via-symlink":
         (tmp_path / "link").symlink_to(clean)
@@ -214,9 +214,11 @@ def test_database_inside_the_input_dataset_is_refused(clean, tmp_path, where, ca
     assert sorted(p.relative_to(clean).as_posix() for p in clean.rglob("*")) == before
 
 
-def test_database_next_to_the_dataset_is_accepted(clean, tmp_path):
-    """A sibling whose name starts like the dataset's is outside it."""
-    database = clean.parent / (clean.name + "_db")
+@pytest.mark.parametrize("where", ["sibling", "derivatives"])
+def test_database_next_to_the_dataset_or_in_its_derivatives_is_accepted(clean, tmp_path, where):
+    """A sibling whose name starts like the dataset's is outside it; derivatives/ is where outputs
+    may go too (it is never indexed)."""
+    database = clean.parent / (clean.name + "_db") if where == "sibling" else clean / "derivatives" / "pybids_db"
     try:
         scans = find_scans(_config(clean, tmp_path, "--participant-label", "02", "--bids-database-dir", str(database)))
         assert _relpaths(scans) == SUB02

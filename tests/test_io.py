@@ -191,3 +191,14 @@ def test_sweep_removes_only_old_temporaries(tmp_path):
     assert sweep_stale_temporaries(tmp_path) == [old]
     assert not old.exists() and fresh.exists() and real.exists()
     assert sweep_stale_temporaries(tmp_path / "absent") == []
+
+
+def test_nan_pixdim_with_a_valid_sform_still_loads(tmp_path):
+    """The size check reads the affine the pipeline uses, not the raw pixdim."""
+    img = nib.Nifti1Image(np.random.default_rng(0).random((8, 9, 10)).astype(np.float32), np.diag([1.0, 1.0, 2.0, 1.0]))
+    img.header["pixdim"][1:4] = np.nan
+    img.set_sform(np.diag([1.0, 1.0, 2.0, 1.0]), code=1)
+    path = tmp_path / "nan_pixdim.nii"
+    nib.save(img, str(path))
+    loaded = load_scan(path)
+    assert loaded.shape == (8, 9, 10) and np.allclose(loaded.zooms, (1.0, 1.0, 2.0))

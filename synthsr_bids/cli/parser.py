@@ -281,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         "whatever their --participant-label, to save indexing time on big datasets; "
         "one folder can serve several datasets. Files added to the dataset after the "
         "index was built are not seen: delete the folder to re-index. Must be outside "
-        "the input dataset",
+        "the input dataset (or under its derivatives/)",
     )
 
     synthesis = parser.add_argument_group("Synthesis")

@@ -58,9 +58,15 @@ def provenance(
 
 
 def provenance_matches(sidecar: Path, expected: Mapping[str, Any]) -> bool:
-    """True when ``sidecar`` exists, parses and records ``expected``."""
+    """True when ``sidecar`` exists, parses and records ``expected``.
+
+    Sidecars written before ``Precision`` joined the provenance (0.1.0.dev24341 and earlier) record
+    the same value as ``SynthSR.Precision``: it stands in, so that upgrading redoes nothing."""
     try:
-        recorded = json.loads(sidecar.read_text()).get("SynthSR", {}).get("Provenance")
+        synthsr = json.loads(sidecar.read_text()).get("SynthSR", {})
+        recorded = synthsr.get("Provenance")
+        if isinstance(recorded, dict) and "Precision" not in recorded and "Precision" in expected:
+            recorded = {**recorded, "Precision": synthsr.get("Precision")}
     except (OSError, json.JSONDecodeError, AttributeError):
         return False
     return recorded == dict(expected)

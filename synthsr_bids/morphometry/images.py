@@ -9,8 +9,8 @@ segmentation           ``<entities>_desc-synthseg<C>_dseg.nii.gz`` (+ ``.tsv`` l
 volumes                ``<entities>_desc-synthseg<C>_volumes.tsv``
 lesion mask            ``<entities>_label-lesion_desc-synthsr<C>_mask.nii.gz`` (+ ``.json``)
 template transform     ``<entities>_desc-synthsr<C>_from-T1w_to-<tpl>_mode-image_xfm.h5``
-image in template      ``<entities>_space-<tpl>_desc-synthsr<C>_T1w.nii.gz`` (+ ``.json``)
-lesion in template     ``<entities>_space-<tpl>_label-lesion_desc-synthsr<C>_mask.nii.gz``
+image in template      ``<entities>_space-<tpl>_res-<N>_desc-synthsr<C>_T1w.nii.gz`` (+ ``.json``)
+lesion in template     ``<entities>_space-<tpl>_res-<N>_label-lesion_desc-synthsr<C>_mask.nii.gz``
 report figures         ``sub-<label>/figures/<synthetic image stem>_<kind>.png``
 =====================  ====================================================================
 

@@ -99,7 +99,9 @@ def _read_provenance(sidecar: Path) -> dict[str, Any] | None:
 
 
 def _is_done(paths: Sequence[Path], sidecar: Path, provenance: dict[str, Any], overwrite: bool) -> bool:
-    return not overwrite and all(p.is_file() for p in paths) and _read_provenance(sidecar) == provenance
+    # a file left empty by a machine crash is never taken as done
+    return (not overwrite and all(p.is_file() and p.stat().st_size > 0 for p in paths)
+            and _read_provenance(sidecar) == provenance)
 
 
 # ---------------------------------------------------------------------------- lesions
