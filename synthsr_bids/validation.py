@@ -299,3 +299,17 @@ def unfetched_annex_message(dataset: Path, missing: Sequence[Path], *, limit: in
         f"fetched:\n{listing}\nFetch the content first: cd {folder} && datalad get {paths}\n"
         f"(or, without DataLad: cd {folder} && git annex get {paths}), then run again."
     )
+
+
+class UnfetchedContentError(RuntimeError):
+    """Files of the dataset are git-annex placeholders; the message names them and the fix."""
+
+
+def check_input(dataset: Path, participant_labels: Sequence[str] = ()) -> ValidationReport:
+    """The input checks of a run: un-fetched git-annex content of the selected participants
+    (:class:`UnfetchedContentError`), then the official validator on them
+    (:class:`ValidatorUnavailableError` when it gives no verdict). Returns the validator's report."""
+    missing = find_unfetched_annex_files(dataset, participant_labels)
+    if missing:
+        raise UnfetchedContentError(unfetched_annex_message(dataset, missing))
+    return validate_dataset(dataset, participant_labels=participant_labels)

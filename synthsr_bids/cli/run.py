@@ -80,23 +80,17 @@ def _validate_input(config: RunConfig) -> None:
     validator that is missing, crashes or times out gives no verdict: usage error (64).
     """
     from synthsr_bids.errors import InputDataError
-    from synthsr_bids.validation import (
-        ValidatorUnavailableError,
-        find_unfetched_annex_files,
-        unfetched_annex_message,
-        validate_dataset,
-    )
+    from synthsr_bids.validation import UnfetchedContentError, ValidatorUnavailableError, check_input
 
     if config.skip_bids_validation:
         LOGGER.info("BIDS validation skipped (--skip-bids-validation)")
         return
     started = time.perf_counter()
     labels = config.participant_labels
-    missing = find_unfetched_annex_files(config.bids_dir, labels)
-    if missing:
-        raise InputDataError(unfetched_annex_message(config.bids_dir, missing))
     try:
-        report = validate_dataset(config.bids_dir, participant_labels=labels)
+        report = check_input(config.bids_dir, labels)
+    except UnfetchedContentError as exc:
+        raise InputDataError(str(exc)) from exc
     except ValidatorUnavailableError as exc:
         raise UsageError(str(exc)) from exc
     if report.errors:

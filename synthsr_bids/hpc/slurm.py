@@ -613,7 +613,7 @@ def build_parser() -> argparse.ArgumentParser:
     resources.add_argument("--qos", help="SLURM quality of service")
     resources.add_argument("--max-parallel", type=_count(1), metavar="N",
                            help="run at most N participant tasks at once (--array=...%%N; split across the arrays "
-                                "when the list is longer than --max-array-size)")
+                                "when the list is longer than --max-array-size, at least one task per array)")
     resources.add_argument("--max-array-size", type=_count(1), default=DEFAULT_MAX_ARRAY_SIZE, metavar="N",
                            help="split longer lists into several arrays (your cluster's MaxArraySize - 1; default: 1000)")
     resources.add_argument("--sbatch-option", action="append", default=[], metavar="OPTION",
@@ -733,22 +733,16 @@ def validate_once(plan: JobPlan) -> tuple[JobPlan, int | None]:
     """Check the input once, here, rather than in every task: each validator run reads the whole
     dataset, so N tasks would read it N times (N x N files) on shared storage. Returns the plan
     whose jobs skip the check, or an exit code (65, 16 or 64) after printing why."""
-    from synthsr_bids.validation import (
-        ValidatorUnavailableError,
-        find_unfetched_annex_files,
-        unfetched_annex_message,
-        validate_dataset,
-    )
+    from synthsr_bids.validation import UnfetchedContentError, ValidatorUnavailableError, check_input
 
     if any(a in SKIP_VALIDATION for a in plan.app_args):
         return plan, None
     labels = sorted({task.subject for task in plan.tasks})
-    missing = find_unfetched_annex_files(plan.bids_dir, labels)
-    if missing:
-        print(f"synthsr-bids-slurm: {unfetched_annex_message(plan.bids_dir, missing)}", file=sys.stderr)
-        return plan, int(ExitCode.DATA_ERROR)
     try:
-        report = validate_dataset(plan.bids_dir, participant_labels=labels)
+        report = check_input(plan.bids_dir, labels)
+    except UnfetchedContentError as exc:
+        print(f"synthsr-bids-slurm: {exc}", file=sys.stderr)
+        return plan, int(ExitCode.DATA_ERROR)
     except ValidatorUnavailableError as exc:
         print(f"synthsr-bids-slurm: {exc} (or pass `-- --skip-bids-validation`)", file=sys.stderr)
         return plan, int(ExitCode.USAGE)
