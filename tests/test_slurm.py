@@ -347,3 +347,16 @@ def test_the_input_is_validated_once_at_generation_and_the_jobs_skip_it(tmp_path
 @pytest.mark.parametrize(("requested", "expected"), [("8G", "8G"), ("16000", "16000M"), ("512M", "512M"), ("0", None)])
 def test_docker_memory_units(requested, expected):
     assert slurm.docker_memory(requested) == expected
+
+
+def test_a_shared_pybids_index_is_built_once_at_generation(tmp_path):
+    from bids_builder import build_clean_dataset
+
+    bids = build_clean_dataset(tmp_path / "ds", layout={"sub-01/anat/sub-01_T2w.nii.gz": ("T2w", (1, 1, 2), "RAS")})
+    database = tmp_path / "pybids-db"
+    done = run_cli(str(bids), str(tmp_path / "out"), "--script-dir", str(tmp_path / "jobs"), "--",
+                   "--skip-bids-validation", "--bids-database-dir", str(database))
+    assert done.returncode == 0, done.stderr
+    (index,) = database.glob("layout-*")
+    assert (index / "layout_index.sqlite").is_file() and "the jobs read it" in done.stdout
+    assert f"--bids-database-dir {database}" in (tmp_path / "jobs" / "participant.sbatch").read_text()

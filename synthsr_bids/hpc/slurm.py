@@ -755,10 +755,34 @@ def validate_once(plan: JobPlan) -> tuple[JobPlan, int | None]:
     return dataclasses.replace(plan, app_args=(*plan.app_args, SKIP_VALIDATION[0])), None
 
 
+def prebuild_index(plan: JobPlan) -> int | None:
+    """With ``-- --bids-database-dir DIR`` and bare-Python jobs, build the saved pybids index here,
+    once: otherwise every task of the first wave would index the whole dataset at the same time.
+    (In a container the folder is a path inside it: the first task builds it.) Returns an exit code
+    after printing why, or ``None``."""
+    from synthsr_bids.cli.parser import parse_args
+    from synthsr_bids.discovery import build_layout
+    from synthsr_bids.errors import SynthSRBidsError
+
+    wanted = any(a == "--bids-database-dir" or a.startswith("--bids-database-dir=") for a in plan.app_args)
+    if not wanted or plan.container.engine != "none":
+        return None
+    config = parse_args([str(plan.bids_dir), str(plan.output_dir), "participant", *plan.app_args])
+    try:
+        build_layout(config)
+    except SynthSRBidsError as exc:
+        print(f"synthsr-bids-slurm: {exc}", file=sys.stderr)
+        return int(exc.exit_code)
+    print(f"pybids index of {plan.bids_dir} saved in {config.bids_database_dir}: the jobs read it")
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     plan, opts = plan_from_args(argv)
     plan, failed = validate_once(plan)
+    if failed is None:
+        failed = prebuild_index(plan)
     if failed is not None:
         return failed
     try:
