@@ -302,6 +302,11 @@ def write_json_atomic(path: Path, payload: Mapping[str, Any]) -> None:
     write_text_atomic(path, json.dumps(payload, indent=2, default=str) + "\n")
 
 
+def is_nonempty_file(path: Path) -> bool:
+    """A file with content: what a crash or a placeholder (0 bytes) never passes for finished work."""
+    return path.is_file() and path.stat().st_size > 0
+
+
 def sweep_stale_temporaries(folder: Path, *, older_than_s: float = 3600.0) -> list[Path]:
     """Delete the temporaries (:func:`_temporary_sibling`) in ``folder`` left by killed jobs.
 

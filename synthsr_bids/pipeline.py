@@ -35,7 +35,13 @@ from synthsr_bids.derivatives.sidecars import (
 )
 from synthsr_bids.discovery import ScanInput
 from synthsr_bids.errors import BadInputError
-from synthsr_bids.io import load_scan, remove_stale_temporaries, save_nifti_atomic, write_json_atomic
+from synthsr_bids.io import (
+    is_nonempty_file,
+    load_scan,
+    remove_stale_temporaries,
+    save_nifti_atomic,
+    write_json_atomic,
+)
 
 LOGGER = logging.getLogger(__name__)
 
@@ -154,7 +160,7 @@ def _finished(paths: OutputPaths, prov: Mapping[str, Any]) -> bool:
     """Outputs a rerun can keep: every image present and not empty, and the sidecar (written last)
     recording the same provenance."""
     images = paths.images()
-    return all(p.is_file() and p.stat().st_size > 0 for p in images) and provenance_matches(paths.sidecar, prov)
+    return all(is_nonempty_file(p) for p in images) and provenance_matches(paths.sidecar, prov)
 
 
 def _crash_file(config: RunConfig, scan: ScanInput) -> Path:

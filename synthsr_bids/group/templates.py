@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from synthsr_bids.errors import NoInputError
+from synthsr_bids.io import is_nonempty_file
 
 LOGGER = logging.getLogger(__name__)
 
@@ -70,10 +71,6 @@ def _not_available(name: str, resolution: int, home: Path, reason: str) -> Templ
     )
 
 
-def _usable(path: Path) -> bool:
-    return path.is_file() and path.stat().st_size > 0
-
-
 def get_template(name: str, resolution: int = 1) -> TemplateFiles:
     """The template's T1w image (required) and brain mask (optional) as local files."""
     from templateflow.client import TemplateFlowClient
@@ -94,7 +91,7 @@ def get_template(name: str, resolution: int = 1) -> TemplateFiles:
             reason += f" (templates there: {', '.join(known[:12])}{' ...' if len(known) > 12 else ''})"
         raise _not_available(name, resolution, home, reason)
     t1w = listed[0]
-    if not _usable(t1w):
+    if not is_nonempty_file(t1w):
         try:
             fetched = client.get(name, resolution=resolution, suffix="T1w", desc=None, extension=".nii.gz")
             t1w = fetched if isinstance(fetched, Path) else Path(fetched[0])
@@ -103,18 +100,18 @@ def get_template(name: str, resolution: int = 1) -> TemplateFiles:
                 name, resolution, home, f"{t1w.name} is not downloaded and could not be fetched (no network?): "
                 f"{str(exc).splitlines()[0][:200]}"
             ) from exc
-        if not _usable(t1w):
+        if not is_nonempty_file(t1w):
             raise _not_available(name, resolution, home, f"{t1w.name} is empty after download")
     mask = None
     masks = client.ls(name, resolution=resolution, suffix="mask", desc="brain", extension=".nii.gz")
     if masks:
         mask = masks[0]
-        if not _usable(mask):
+        if not is_nonempty_file(mask):
             try:
                 client.get(name, resolution=resolution, suffix="mask", desc="brain", extension=".nii.gz")
             except Exception as exc:
                 LOGGER.info("template brain mask %s not available (%s); QC uses a head mask instead", mask.name, exc)
-            mask = mask if _usable(mask) else None
+            mask = mask if is_nonempty_file(mask) else None
     LOGGER.info("template %s res-%02d: %s", name, resolution, t1w)
     return TemplateFiles(name=name, resolution=resolution, t1w=t1w, brain_mask=mask, home=home)
 

@@ -30,7 +30,7 @@ from synthsr_bids.progress import progress_bar
 from synthsr_bids.derivatives import dataset as shared_files
 from synthsr_bids.derivatives.naming import output_paths
 from synthsr_bids.derivatives.sidecars import file_sha256
-from synthsr_bids.io import save_nifti_atomic, write_json_atomic, write_text_atomic
+from synthsr_bids.io import is_nonempty_file, save_nifti_atomic, write_json_atomic, write_text_atomic
 from synthsr_bids.morphometry.images import (
     SyntheticImage,
     bids_uri_here,
@@ -100,8 +100,7 @@ def _read_provenance(sidecar: Path) -> dict[str, Any] | None:
 
 def _is_done(paths: Sequence[Path], sidecar: Path, provenance: dict[str, Any], overwrite: bool) -> bool:
     # a file left empty by a machine crash is never taken as done
-    return (not overwrite and all(p.is_file() and p.stat().st_size > 0 for p in paths)
-            and _read_provenance(sidecar) == provenance)
+    return not overwrite and all(is_nonempty_file(p) for p in paths) and _read_provenance(sidecar) == provenance
 
 
 # ---------------------------------------------------------------------------- lesions
