@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
+import logging
 import math
 import shutil
 import subprocess
@@ -154,6 +156,30 @@ def test_resumed_run_follows_the_configured_learning_rate(tmp_path: Path, volume
     trainer.run(max_steps=1)
     assert trainer.step == 3
     assert [g["lr"] for g in trainer.reg_opt.param_groups] == [pytest.approx(2e-4)]
+
+
+def test_a_finished_run_continues_when_its_steps_are_raised(tmp_path: Path, volumes, caplog):
+    config = tiny_config(tmp_path / "run", seg_steps=0, reg_steps=3)
+    config = dataclasses.replace(config, regression=dataclasses.replace(
+        config.regression, lr_schedule="cosine", lr_min=1e-5))
+    finished = make_trainer(config, volumes).run()
+    assert (finished.stage, finished.global_step) == ("done", 3)
+    again = make_trainer(config, volumes)
+    assert again.run().steps_this_session == 0  # same length: nothing left to do
+    assert again.stage == "done"
+
+    longer = dataclasses.replace(config, regression=dataclasses.replace(config.regression, steps=6))
+    trainer = make_trainer(longer, volumes)
+    with caplog.at_level(logging.INFO, logger="synthsr_bids.training"):
+        summary = trainer.run(max_steps=2)
+    assert (summary.stage, summary.steps_this_session, trainer.step) == ("regression", 2, 5)
+    assert "ended at step 3; [regression].steps = 6 continues it" in caplog.text
+    # the cosine schedule of the 6-step run, not of the 3-step one (which had reached lr_min)
+    assert [g["lr"] for g in trainer.reg_opt.param_groups] == [pytest.approx(longer.regression.learning_rate(4))]
+    assert longer.regression.learning_rate(4) > 2 * config.regression.lr_min
+    rest = make_trainer(longer, volumes).run()
+    assert (rest.stage, rest.global_step, rest.steps_this_session) == ("done", 6, 1)
+    assert [int(r["global_step"]) for r in csv.DictReader((tmp_path / "run" / "loss.csv").open())] == [1, 2, 3, 4, 5, 6]
 
 
 # ---------------------------------------------------------------------------- training

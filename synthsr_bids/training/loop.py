@@ -731,6 +731,13 @@ class Trainer:
                     self.reg_ema = WeightAverage.resume(ema_path(self.run_dir, self.global_step), self.regressor,
                                                         self.config.regression.ema_decay, global_step=self.global_step,
                                                         resizable=("head.",))
+            if self.stage == "done" and self.step < self.config.regression.steps:
+                # Training longer than first planned: the learning-rate schedule follows the new length
+                # (a cosine schedule thus restarts warm, from the rate at this step of the longer run).
+                LOGGER.info("%s: the regression stage ended at step %d; [regression].steps = %d continues it "
+                            "(learning rate %.2e from here)", path, self.step, self.config.regression.steps,
+                            self.config.regression.learning_rate(self.step))
+                self.stage = "regression"
         # Last: building the networks above drew their (discarded) initial weights from it.
         torch.set_rng_state(self._torch_rng(state))
         LOGGER.info("resumed from %s: stage %s, step %d (global %d)", path, self.stage, self.step, self.global_step)
