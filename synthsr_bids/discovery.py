@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -208,6 +209,31 @@ def _close(layout) -> None:
     manager.engine.dispose()
 
 
+#: an index build untouched for this long was killed (pybids writes its SQLite file as it goes)
+STALE_BUILD_SECONDS = 3600.0
+
+
+def sweep_stale_index_builds(database_dir: Path, *, older_than_s: float = STALE_BUILD_SECONDS) -> list[Path]:
+    """Delete the temporary index folders (``.layout-*.tmp-*``) of killed builds in ``database_dir``.
+
+    Only those in which nothing changed for ``older_than_s`` (the newest modification time of the
+    folder and its files): a concurrent job may still be building the others. Returns what went."""
+    removed: list[Path] = []
+    now = time.time()
+    for leftover in database_dir.glob(".layout-*.tmp-*"):
+        try:
+            if not leftover.is_dir() or leftover.is_symlink():
+                continue
+            newest = max([leftover.stat().st_mtime] + [p.stat().st_mtime for p in leftover.rglob("*")])
+        except OSError:  # removed meanwhile by the job that owns it
+            continue
+        if now - newest > older_than_s:
+            shutil.rmtree(leftover, ignore_errors=True)
+            if not leftover.exists():
+                removed.append(leftover)
+    return removed
+
+
 def _load_or_build_database(target: Path, settings: Mapping[str, Any], build):
     """A layout backed by the complete saved index in ``target``.
 
@@ -222,6 +248,8 @@ def _load_or_build_database(target: Path, settings: Mapping[str, Any], build):
         LOGGER.debug("reusing the saved pybids index in %s", target)
         return BIDSLayout(database_path=str(target), validate=False)
 
+    for leftover in sweep_stale_index_builds(target.parent) if target.parent.is_dir() else ():
+        LOGGER.info("removed %s, an index build left by a killed job", leftover)
     # not tempfile.mkdtemp: its 0700 mode would keep the shared index from other users
     tmp = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:

@@ -298,6 +298,33 @@ def test_job_that_loses_the_race_uses_the_winners_database(clean, tmp_path, monk
     assert _snapshot(database / folder) == winner["snapshot"]  # read, not rewritten
 
 
+def test_index_builds_of_killed_jobs_are_swept_once_stale(clean, tmp_path, caplog):
+    """A job killed while indexing leaves its temporary folder; the next build removes it once
+    nothing in it changed for an hour, and leaves a build another job may still be writing."""
+    import time
+
+    database = tmp_path / "db"
+    hour_ago = time.time() - 3700
+    killed = database / ".layout-0123456789abcdef.tmp-4242-deadbeef"
+    (killed / "sub").mkdir(parents=True)
+    for path in (killed / "layout_index.sqlite", killed / "sub" / "x"):
+        path.write_bytes(b"partial")
+        os.utime(path, (hour_ago, hour_ago))
+    for folder in (killed / "sub", killed):
+        os.utime(folder, (hour_ago, hour_ago))
+    busy = database / ".layout-0123456789abcdef.tmp-4343-cafecafe"  # old folder, file written just now
+    busy.mkdir()
+    os.utime(busy, (hour_ago, hour_ago))
+    (busy / "layout_index.sqlite").write_bytes(b"growing")
+    with caplog.at_level(logging.INFO, logger="synthsr_bids"):
+        found = find_scans(_config(clean, tmp_path, "--bids-database-dir", str(database)))
+    assert _relpaths(found) == SUB01 + SUB02
+    assert not killed.exists() and busy.is_dir()
+    assert f"removed {killed}" in caplog.text
+    layouts = [name for name in _entries(database) if name.startswith("layout-")]
+    assert len(layouts) == 1 and (database / layouts[0] / "layout_index.sqlite").is_file()
+
+
 def test_only_magnitude_parts_by_default_and_a_filter_can_ask_for_others(tmp_path):
     """niworkflows' default: part-mag or no part entity; phase images are not anatomy."""
     root = build_clean_dataset(tmp_path / "ds", layout={})
