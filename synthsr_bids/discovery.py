@@ -86,8 +86,6 @@ class ScanInput:
     suffix: str
     entities: Mapping[str, str] = field(default_factory=dict)
     """Filename entities (long pybids names -> label as written in the name)."""
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-    """The JSON sidecar, after BIDS inheritance."""
 
     @property
     def subject(self) -> str:
@@ -132,6 +130,15 @@ def _filters_for(suffix: str, bids_filters: Mapping[str, Mapping[str, Any]]) -> 
                 value = Query.ANY
             merged[entity] = value
     return merged
+
+
+def sidecar_filter_keys(bids_filters: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Keys of the BIDS filters that are not BIDS entities, i.e. JSON sidecar fields (e.g.
+    ``MagneticFieldStrength``): pybids can only query those from an index of every sidecar."""
+    from bids.layout.models import Config
+
+    entities = set(Config.load("bids").entities)
+    return sorted({key for selection in bids_filters.values() for key in (selection or {}) if key not in entities})
 
 
 #: Bump when the way the index is built changes, so older saved indexes are not reused.
@@ -307,8 +314,12 @@ def build_layout(config: RunConfig):
         wanted = "|".join(re.escape(lbl) for lbl in config.participant_labels)
         ignore.append(re.compile(rf"^/sub-(?!({wanted})(/|$))"))
 
+    # The sidecars are read only when a filter asks for one of their fields: reading them costs indexing
+    # time on big datasets, and one malformed JSON file anywhere would stop every job.
+    sidecar_keys = sidecar_filter_keys(config.bids_filters)
+
     def build(database_path: Path | None):
-        indexer = BIDSLayoutIndexer(validate=False, ignore=ignore, index_metadata=True)
+        indexer = BIDSLayoutIndexer(validate=False, ignore=ignore, index_metadata=bool(sidecar_keys))
         return BIDSLayout(
             str(bids_dir),
             validate=False,
@@ -320,12 +331,14 @@ def build_layout(config: RunConfig):
     try:
         if database is None:
             return build(None)
-        settings = _index_settings(bids_dir, ignore, index_metadata=True)
+        settings = _index_settings(bids_dir, ignore, index_metadata=bool(sidecar_keys))
         return _load_or_build_database(database_folder(database, settings), settings, build)
     except SynthSRBidsError:
         raise
     except Exception as exc:  # pybids raises several error types for broken datasets
-        raise InputDataError(f"{config.bids_dir}: pybids could not index the dataset: {exc}") from exc
+        fix = (f" The BIDS filter file selects on JSON sidecar fields ({', '.join(sidecar_keys)}), so every sidecar "
+               "is read: repair the file named above, or filter on filename entities only." if sidecar_keys else "")
+        raise InputDataError(f"{config.bids_dir}: pybids could not index the dataset: {str(exc).rstrip('.')}.{fix}") from exc
 
 
 def find_scans(config: RunConfig, layout=None) -> list[ScanInput]:
@@ -369,18 +382,7 @@ def find_scans(config: RunConfig, layout=None) -> list[ScanInput]:
         for bids_file in layout.get(**query):
             path = Path(bids_file.path)
             relpath = path.relative_to(root).as_posix()
-            try:
-                metadata = dict(bids_file.get_metadata())
-            except Exception:  # an unreadable sidecar must not hide the image
-                LOGGER.warning("%s: could not read the JSON sidecar", relpath)
-                metadata = {}
-            scans[relpath] = ScanInput(
-                path=path,
-                relpath=relpath,
-                suffix=suffix,
-                entities=parse_entities(path.name),
-                metadata=metadata,
-            )
+            scans[relpath] = ScanInput(path=path, relpath=relpath, suffix=suffix, entities=parse_entities(path.name))
     if not scans:
         selection = []
         if config.participant_labels:

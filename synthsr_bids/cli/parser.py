@@ -259,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="FILE",
         help='JSON file of entity filters in fMRIPrep\'s format, e.g. {"anat": '
         '{"acquisition": "ax"}, "flair": {"run": 1}}; "anat" applies to every '
-        "contrast, a lower-case suffix to that contrast only",
+        "contrast, a lower-case suffix to that contrast only; JSON sidecar fields work "
+        'too (e.g. {"flair": {"MagneticFieldStrength": 3}}), at the cost of reading every sidecar',
     )
     selection.add_argument(
         "--skip-bids-validation",
