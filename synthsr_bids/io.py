@@ -28,6 +28,7 @@ import nibabel as nib
 import numpy as np
 
 from synthsr_bids.errors import BadInputError
+from synthsr_bids.preprocessing.intensity import clip_extreme_intensities
 from synthsr_bids.validation import is_unfetched_annex_file
 
 LOGGER = logging.getLogger(__name__)
@@ -154,8 +155,16 @@ def load_scan(path: Path | str) -> LoadedScan:
 
     warnings: list[str] = []
     full_shape = tuple(int(n) for n in img.shape)
+    stored = img.get_data_dtype()
+    if stored.fields is not None:
+        raise BadInputError(
+            path,
+            f"holds colour (RGB) voxels ({stored}), e.g. a screenshot or secondary capture, not an MR volume.",
+            "exclude it with --bids-filter-file.",
+        )
     if len(full_shape) < 3:
-        raise BadInputError(path, f"is {len(full_shape)}D (shape {full_shape}); a 3D volume is needed.")
+        raise BadInputError(path, f"is {len(full_shape)}D (shape {full_shape}); a 3D volume is needed.",
+                            "exclude it with --bids-filter-file.")
     extra = full_shape[3:]
     if any(n > 1 for n in extra[1:]):
         raise BadInputError(path, f"has {len(full_shape)} dimensions (shape {full_shape}); only 3D or 4D images are supported.")
@@ -168,18 +177,23 @@ def load_scan(path: Path | str) -> LoadedScan:
                 f"is 4D with {extra[0]} volumes; only the first volume is synthesised"
             )
         proxy = img.dataobj
-        data = np.asarray(proxy[(slice(None),) * 3 + (0,) * len(extra)], dtype=np.float64)
+        data = np.asarray(proxy[(slice(None),) * 3 + (0,) * len(extra)])
     except (EOFError, zlib.error, gzip.BadGzipFile, OSError, ValueError) as exc:
         raise BadInputError(
             path,
             f"is truncated or corrupt: the voxel data cannot be read ({exc.__class__.__name__}: {exc}).",
             "re-convert it from DICOM, or exclude it with --bids-filter-file.",
         ) from exc
+    if np.iscomplexobj(data):
+        warnings.append("has complex voxels: their magnitude is synthesised")
+        data = np.abs(data)
+    data = data.astype(np.float64, copy=False)
     shape = tuple(int(n) for n in data.shape)
     if min(shape) < 2:
         raise BadInputError(
             path,
             f"has shape {shape}: a single slice cannot be turned into a 3D volume.",
+            "exclude it with --bids-filter-file.",
         )
 
     warnings.extend(affine_warnings)
@@ -187,18 +201,19 @@ def load_scan(path: Path | str) -> LoadedScan:
         raise BadInputError(path, "has a non-finite voxel-to-world affine.", "fix the header (e.g. with fslorient or nibabel).")
     linear = affine[:3, :3]
     zooms = tuple(float(z) for z in np.sqrt((linear**2).sum(axis=0)))
-    if abs(np.linalg.det(linear)) < 1e-6 or min(zooms) <= 0:
-        raise BadInputError(
-            path,
-            "has a degenerate voxel-to-world affine (zero determinant): voxel positions are undefined.",
-            "fix the qform/sform (e.g. with fslorient or nibabel).",
-        )
-    if min(zooms) < MIN_VOXEL_MM or max(zooms) > MAX_VOXEL_MM:
+    # The sizes first: a header in metres has a tiny determinant too, and its fix is the units.
+    if 0 < min(zooms) < MIN_VOXEL_MM or max(zooms) > MAX_VOXEL_MM:
         raise BadInputError(
             path,
             f"has implausible voxel sizes {tuple(round(z, 3) for z in zooms)} mm "
             f"(expected {MIN_VOXEL_MM}-{MAX_VOXEL_MM} mm).",
             "check the pixdim/affine in the header (units must be millimetres).",
+        )
+    if min(zooms) <= 0 or abs(np.linalg.det(linear)) < 1e-6 * float(np.prod(zooms)):
+        raise BadInputError(
+            path,
+            "has a degenerate voxel-to-world affine (zero determinant): voxel positions are undefined.",
+            "fix the qform/sform (e.g. with fslorient or nibabel).",
         )
 
     finite = np.isfinite(data)
@@ -208,8 +223,17 @@ def load_scan(path: Path | str) -> LoadedScan:
             raise BadInputError(path, "contains no finite voxel (all NaN/Inf).")
         warnings.append(f"{n_bad} NaN/Inf voxels were set to 0")
         data = np.where(finite, data, 0.0)
-    if float(data.max()) == float(data.min()):
-        raise BadInputError(path, f"is constant (every voxel is {data.flat[0]:g}); there is no image to synthesise from.")
+    low, high = float(data.min()), float(data.max())
+    which = "its first volume: " if extra and extra[0] > 1 else ""
+    if high == low:
+        raise BadInputError(path, f"is constant ({which}every voxel is {low:g}); there is no image to synthesise from.",
+                            "exclude it with --bids-filter-file.")
+    if not np.isfinite(high - low):
+        raise BadInputError(path, f"has intensities from {low:g} to {high:g}, a range too wide to compute with.",
+                            "rescale it (e.g. fslmaths -div), or re-convert it from DICOM.")
+    data, clipped = clip_extreme_intensities(data)
+    if clipped:
+        warnings.append(clipped)
 
     axcodes = tuple(nib.orientations.aff2axcodes(affine))
     for message in warnings:

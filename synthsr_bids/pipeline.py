@@ -177,6 +177,8 @@ def _write_outputs(
     device: str,
     prov: dict[str, Any],
 ) -> tuple[Path, ...]:
+    import numpy as np
+
     from synthsr_bids.inference.predict import SynthesisOptions, resample_to_grid, synthesize
 
     started = time.perf_counter()
@@ -190,6 +192,9 @@ def _write_outputs(
         half=config.inference.half,
     )
     result = synthesize(loaded.data, loaded.affine, network.model, options)
+    if not np.isfinite(result.data).all():  # never written as if it were an image
+        raise RuntimeError(f"the synthetic image has {int((~np.isfinite(result.data)).sum())} NaN/Inf voxels; "
+                           "nothing was written")
     timings = {"load": load_seconds, **result.timings}
 
     for folder_path in paths.images():

@@ -10,8 +10,8 @@ from synthsr_bids.errors import BadInputError
 from synthsr_bids.io import copy_file_atomic, load_scan, save_nifti_atomic, sweep_stale_temporaries
 
 
-def _save(tmp_path, data, affine, name="img.nii.gz"):
-    img = nib.Nifti1Image(np.asarray(data, dtype=np.float32), None)
+def _save(tmp_path, data, affine, name="img.nii.gz", dtype=np.float32):
+    img = nib.Nifti1Image(np.asarray(data, dtype=dtype), None)
     img.set_sform(affine, code=1)  # sform only: nibabel refuses degenerate qforms
     img.set_qform(None, code=0)
     path = tmp_path / name
@@ -95,6 +95,10 @@ def test_nan_inf_set_to_zero(tmp_path):
         (np.random.rand(8, 8, 8), np.diag([1.0, 1.0, 0.0, 1.0]), "degenerate"),
         (np.random.rand(8, 8, 8), np.diag([1.0, 1.0, 50.0, 1.0]), "implausible voxel sizes"),
         (np.random.rand(8, 8, 8), np.diag([0.01, 1.0, 1.0, 1.0]), "implausible voxel sizes"),
+        # a header in metres: the fix is the units, not "degenerate"
+        (np.random.rand(8, 8, 8), np.diag([0.001, 0.001, 0.001, 1.0]), "implausible voxel sizes.*millimetres"),
+        (np.random.rand(8, 8, 8) * np.array([-1e308, 1e308])[np.random.randint(0, 2, (8, 8, 8))], np.eye(4),
+         "range too wide"),
         (np.ones((8, 8, 8)), np.eye(4), "constant"),
         (np.full((8, 8, 8), np.nan), np.eye(4), "no finite voxel"),
         (np.random.rand(8, 8, 1), np.eye(4), "single slice"),
@@ -102,7 +106,55 @@ def test_nan_inf_set_to_zero(tmp_path):
 )
 def test_refused_images(tmp_path, data, affine, match):
     with pytest.raises(BadInputError, match=match):
-        load_scan(_save(tmp_path, data, affine))
+        load_scan(_save(tmp_path, data.astype(np.float64), affine, dtype=np.float64))
+
+
+def test_constant_first_volume_of_a_4d_file_is_named_with_the_fix(tmp_path):
+    data = np.stack([np.zeros((6, 6, 6)), np.random.rand(6, 6, 6)], axis=-1)
+    with pytest.raises(BadInputError, match=r"constant \(its first volume: every voxel is 0\).*Fix: exclude it"):
+        load_scan(_save(tmp_path, data, np.eye(4)))
+
+
+def test_rgb_image_is_refused_with_a_fix(tmp_path):
+    rgb = np.zeros((6, 6, 6), dtype=[("R", "u1"), ("G", "u1"), ("B", "u1")])
+    path = tmp_path / "sub-01_T2w.nii.gz"
+    nib.save(nib.Nifti1Image(rgb, np.eye(4)), str(path))
+    with pytest.raises(BadInputError, match=r"sub-01_T2w\.nii\.gz: holds colour \(RGB\) voxels.*Fix: exclude it"):
+        load_scan(path)
+
+
+def test_complex_image_gives_its_magnitude_with_a_warning(tmp_path):
+    rng = np.random.default_rng(0)
+    data = (rng.random((6, 7, 8)) + 1) * np.exp(1j * rng.uniform(-np.pi, np.pi, (6, 7, 8)))
+    path = tmp_path / "c.nii.gz"
+    nib.save(nib.Nifti1Image(data.astype(np.complex64), np.eye(4)), str(path))
+    loaded = load_scan(path)
+    assert loaded.data.dtype == np.float64
+    np.testing.assert_allclose(loaded.data, np.abs(data), rtol=1e-6)
+    assert loaded.warnings == ("has complex voxels: their magnitude is synthesised",)
+
+
+def test_a_few_extreme_voxels_are_clipped_with_a_warning(tmp_path):
+    rng = np.random.default_rng(1)
+    data = rng.uniform(0, 100, (40, 40, 20)).round()
+    clean = load_scan(_save(tmp_path, data, np.eye(4), name="clean.nii.gz", dtype=np.int16))
+    assert clean.warnings == () and clean.data.max() == 100
+    spiky = data.copy()
+    spiky[tuple(rng.integers(0, 20, (3, 5)))] = 32767
+    loaded = load_scan(_save(tmp_path, spiky, np.eye(4), name="spiky.nii.gz", dtype=np.int16))
+    assert loaded.data.max() == 100  # the 99.9th percentile of these voxels: the anatomy's own maximum
+    np.testing.assert_array_equal(loaded.data[spiky < 32767], data[spiky < 32767])
+    (warning,) = loaded.warnings
+    assert warning.startswith("5 extreme voxels (up to 32767; 99.9 % of the voxels are at most 100) were clipped")
+    # bright tissue covering more than 0.1 % of the volume (fat, vessels) is anatomy: kept
+    bright = data.copy()
+    bright[:4, :4, :4] = 5000  # 64 voxels = 0.2 %
+    kept = load_scan(_save(tmp_path, bright, np.eye(4), name="bright.nii.gz", dtype=np.int16))
+    assert kept.warnings == () and kept.data.max() == 5000
+    # more than 99.9 % of the voxels at one value: clipping would leave nothing, so nothing is clipped
+    sparse = np.zeros((40, 40, 20))
+    sparse[20, 20, 10:13] = 1
+    assert load_scan(_save(tmp_path, sparse, np.eye(4), name="sparse.nii.gz")).data.sum() == 3
 
 
 def test_qform_sform_disagreement_reports_sform(tmp_path):

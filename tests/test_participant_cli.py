@@ -311,6 +311,28 @@ def test_bad_scans_fail_alone(tmp_path, models, caplog):
     assert "1 failed" not in caplog.text and "2 failed" in caplog.text
 
 
+def test_a_non_finite_synthetic_image_is_never_written(tmp_path, models, monkeypatch, caplog):
+    from synthsr_bids.inference import predict
+
+    real = predict.synthesize
+
+    def broken_network(data, affine, model, options):
+        result = real(data, affine, model, options)
+        result.data[0, 0, 0] = np.nan
+        return result
+
+    monkeypatch.setattr(predict, "synthesize", broken_network)
+    bids = build_clean_dataset(tmp_path / "ds", layout={
+        "sub-01/anat/sub-01_FLAIR.nii.gz": ("FLAIR", (1, 1, 3), "RAS")})
+    out = tmp_path / "out"
+    with caplog.at_level(logging.INFO, logger="synthsr_bids"):
+        code = main([str(bids), str(out), "participant", "--model", str(models["random"]),
+                     "--skip-bids-validation", "--nthreads", "1", "-w", str(tmp_path / "work")])
+    assert code == 1
+    assert "the synthetic image has 1 NaN/Inf voxels; nothing was written" in caplog.text
+    assert not list(out.rglob("sub-01*_T1w.*"))
+
+
 def test_invalid_dataset_exits_16(tmp_path, models):
     bids = build_clean_dataset(tmp_path / "ds", layout={
         "sub-01/anat/sub-01_FLAIR.nii.gz": ("FLAIR", (1, 1, 3), "RAS")})
