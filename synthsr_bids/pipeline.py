@@ -310,6 +310,17 @@ def prepare_output_dataset(config: RunConfig, scans: Sequence[ScanInput]) -> Non
     shared_files.ensure_bidsignore(config.output_dir)
 
 
+def output_collisions(scans: Sequence[ScanInput], config: RunConfig) -> dict[str, list[str]]:
+    """Scans that would write the same output (e.g. ``sub-01_T2w.nii`` and ``sub-01_T2w.nii.gz``: the
+    output name comes from the entities), each mapped to the others it collides with."""
+    by_output: dict[Path, list[str]] = {}
+    for scan in scans:
+        target = output_paths(config.output_dir, scan.entities, scan.suffix, native_grid=config.native_grid).t1w
+        by_output.setdefault(target, []).append(scan.relpath)
+    return {relpath: [other for other in group if other != relpath]
+            for group in by_output.values() if len(group) > 1 for relpath in group}
+
+
 def run_scans(
     scans: Sequence[ScanInput], *, config: RunConfig, network: Network, device: str
 ) -> RunSummary:
@@ -318,10 +329,18 @@ def run_scans(
 
     results: list[ScanResult] = []
     total = len(scans)
+    collisions = output_collisions(scans, config)
     with progress_bar(total, unit="scan", desc="synthsr-bids") as bar:
         for index, scan in enumerate(scans, start=1):
             bar.set_postfix_str(scan.label, refresh=True)
-            result = process_scan(scan, config=config, network=network, device=device)
+            if scan.relpath in collisions:  # neither is processed: which one is meant is not ours to guess
+                result = ScanResult(scan, "failed", (), 0.0, error=str(BadInputError(
+                    scan.path, f"has the same BIDS entities and suffix as {', '.join(collisions[scan.relpath])} "
+                    "(e.g. only the extension differs), so both would write the same outputs.",
+                    'keep one of the files (BIDS allows one), or select one with --bids-filter-file, e.g. '
+                    '{"anat": {"extension": ".nii.gz"}}.')))
+            else:
+                result = process_scan(scan, config=config, network=network, device=device)
             results.append(result)
             prefix = f"[{index}/{total}] {scan.label}"
             if result.status == "written":

@@ -333,6 +333,26 @@ def test_a_non_finite_synthetic_image_is_never_written(tmp_path, models, monkeyp
     assert not list(out.rglob("sub-01*_T1w.*"))
 
 
+def test_two_files_of_one_image_fail_both_instead_of_overwriting_each_other(tmp_path, models, caplog):
+    bids = build_clean_dataset(tmp_path / "ds", layout={
+        "sub-01/anat/sub-01_T2w.nii": ("T2w", (1, 1, 3), "RAS"),
+        "sub-01/anat/sub-01_T2w.nii.gz": ("T2w", (1, 1, 4), "RAS"),
+        "sub-01/anat/sub-01_FLAIR.nii.gz": ("FLAIR", (1, 1, 3), "RAS")})
+    out = tmp_path / "out"
+    argv = [str(bids), str(out), "participant", "--model", str(models["random"]), "--skip-bids-validation",
+            "--nthreads", "1", "-w", str(tmp_path / "work")]
+    with caplog.at_level(logging.INFO, logger="synthsr_bids"):
+        assert main(argv) == 1
+    assert ("sub-01_T2w.nii: has the same BIDS entities and suffix as sub-01/anat/sub-01_T2w.nii.gz" in caplog.text)
+    assert "sub-01_T2w.nii.gz: has the same BIDS entities and suffix as sub-01/anat/sub-01_T2w.nii " in caplog.text
+    assert sorted(p.name for p in out.rglob("*_T1w.nii.gz")) == ["sub-01_desc-synthsrFLAIR_T1w.nii.gz"]
+    filters = tmp_path / "filters.json"
+    filters.write_text(json.dumps({"anat": {"extension": ".nii.gz"}}))
+    assert main(argv + ["--bids-filter-file", str(filters)]) == 0
+    written = json.loads((out / "sub-01" / "anat" / "sub-01_desc-synthsrT2w_T1w.json").read_text())
+    assert written["Sources"] == ["bids:raw:sub-01/anat/sub-01_T2w.nii.gz"]
+
+
 def test_invalid_dataset_exits_16(tmp_path, models):
     bids = build_clean_dataset(tmp_path / "ds", layout={
         "sub-01/anat/sub-01_FLAIR.nii.gz": ("FLAIR", (1, 1, 3), "RAS")})
