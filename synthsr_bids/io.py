@@ -66,13 +66,23 @@ def _corner_distance(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> fl
     return float(np.max(np.linalg.norm((corners @ a.T - corners @ b.T)[:, :3], axis=1)))
 
 
+def _usable(affine: np.ndarray) -> bool:
+    """Finite, with three independent axes."""
+    return bool(np.all(np.isfinite(affine))) and abs(float(np.linalg.det(affine[:3, :3]))) > 1e-12
+
+
 def _choose_affine(img: nib.Nifti1Image, path: Path, shape: tuple[int, ...]) -> tuple[np.ndarray, str, list[str]]:
     """The affine nibabel would use (sform when its code is set, else qform), with a
-    warning when both are set and disagree."""
+    warning when both are set and disagree; a coded but unusable sform (zeros, NaN) gives
+    way to a usable qform, with a warning."""
     warnings: list[str] = []
     header = img.header
     sform, sform_code = header.get_sform(coded=True)
     qform, qform_code = header.get_qform(coded=True)
+    if sform is not None and sform_code > 0 and not _usable(sform) and qform is not None and qform_code > 0 \
+            and _usable(qform):
+        warnings.append("the sform is set but unusable (zero or non-finite); the qform is used instead")
+        return np.asarray(qform, dtype=np.float64), "qform", warnings
     if sform is not None and sform_code > 0:
         affine, source = sform, "sform"
         if qform is not None and qform_code > 0:
@@ -141,6 +151,16 @@ def load_scan(path: Path | str) -> LoadedScan:
             path,
             "is a git-annex pointer file (an unlocked DataLad file whose content is not here).",
             "run `datalad get` on it, or exclude it with --bids-filter-file.",
+        )
+    with path.open("rb") as handle:
+        gzipped = handle.read(2) == b"\x1f\x8b"
+    if gzipped != path.name.endswith(".gz"):
+        right = path.name[:-3] if path.name.endswith(".gz") else path.name + ".gz"
+        raise BadInputError(
+            path,
+            "is gzip-compressed although its name does not end in .gz." if gzipped
+            else "is not gzip-compressed although its name ends in .gz.",
+            f"rename it to {right} (and its JSON sidecar stays as it is).",
         )
     try:
         img = nib.load(str(path))
@@ -269,6 +289,10 @@ def save_nifti_atomic(
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
     img.header.set_xyzt_units("mm")
     img.set_qform(affine, code=xform_code)
+    if not np.allclose(img.header.get_qform(), affine, atol=1e-4):
+        # A sheared affine has no quaternion form: a qform would only approximate it, and tools
+        # that read the qform (ITK, hence ANTs) would place the image elsewhere. Only the sform then.
+        img.set_qform(affine, code=0)
     img.set_sform(affine, code=xform_code)
     write_atomic(path, lambda tmp: nib.save(img, str(tmp)), fsync=fsync)
 

@@ -47,6 +47,20 @@ def test_truncated_gzip(tmp_path):
         load_scan(path)
 
 
+def test_compression_that_contradicts_the_name_says_to_rename(tmp_path):
+    path = _save(tmp_path, np.random.rand(6, 6, 6), np.eye(4), name="sub-01_T2w.nii")
+    plain = path.with_name("sub-02_T2w.nii.gz")
+    path.rename(plain)
+    with pytest.raises(BadInputError, match=r"not gzip-compressed although its name ends in \.gz\. "
+                                            r"Fix: rename it to sub-02_T2w\.nii "):
+        load_scan(plain)
+    packed = _save(tmp_path, np.random.rand(6, 6, 6), np.eye(4), name="sub-03_T2w.nii.gz")
+    misnamed = packed.with_name("sub-03_T2w.nii")
+    packed.rename(misnamed)
+    with pytest.raises(BadInputError, match=r"is gzip-compressed although .* Fix: rename it to sub-03_T2w\.nii\.gz "):
+        load_scan(misnamed)
+
+
 def test_not_nifti(tmp_path):
     path = tmp_path / "x.nii"
     path.write_text("hello world, I am not an image" * 20)
@@ -171,6 +185,24 @@ def test_qform_sform_disagreement_reports_sform(tmp_path):
     assert any("sform is used" in w for w in loaded.warnings)
 
 
+def test_unusable_sform_falls_back_to_a_valid_qform(tmp_path):
+    qform = nib.affines.from_matvec(np.diag([1.0, 1.0, 4.0]), [-20, -30, 10])
+    for broken in (np.zeros((4, 4)), np.full((4, 4), np.nan)):
+        header = nib.Nifti1Header()
+        header.set_qform(qform, code=1)
+        header["sform_code"] = 1
+        for row, name in enumerate(("srow_x", "srow_y", "srow_z")):
+            header[name] = broken[row]
+        # affine None: nibabel keeps the header's forms as they are
+        img = nib.Nifti1Image(np.random.rand(8, 8, 8).astype(np.float32), None, header=header)
+        path = tmp_path / "img.nii.gz"
+        nib.save(img, str(path))
+        loaded = load_scan(path)
+        np.testing.assert_allclose(loaded.affine, qform)
+        assert loaded.affine_source == "qform"
+        assert loaded.warnings == ("the sform is set but unusable (zero or non-finite); the qform is used instead",)
+
+
 def test_qform_only(tmp_path):
     affine = axis_affine((2, 2, 2), "LPS")
     img = nib.Nifti1Image(np.random.rand(10, 10, 10).astype(np.float32), affine)
@@ -194,6 +226,19 @@ def test_save_atomic_roundtrip_and_no_leftovers(tmp_path):
     assert back.get_data_dtype() == np.float32
     assert int(back.header["sform_code"]) == 1 and int(back.header["qform_code"]) == 1
     assert sorted(p.name for p in out.parent.iterdir()) == ["x.nii.gz"]
+
+
+def test_saved_sheared_affine_has_no_approximate_qform(tmp_path):
+    sheared = np.array([[1.0, 0.2, 0.0, -10], [0.0, 1.0, 0.0, 5], [0.0, 0.0, 2.0, 3], [0, 0, 0, 1]])
+    rotated = nib.affines.from_matvec(nib.eulerangles.euler2mat(0.3, -0.2, 0.1) @ np.diag([1.0, 1.0, 3.0]), [1, 2, 3])
+    for name, affine, qform_code in (("sheared.nii.gz", sheared, 0), ("rotated.nii.gz", rotated, 1)):
+        save_nifti_atomic(np.zeros((4, 4, 4)), affine, tmp_path / name)
+        header = nib.load(str(tmp_path / name)).header
+        sform, sform_code = header.get_sform(coded=True)
+        assert sform_code == 1 and np.allclose(sform, affine, atol=1e-5)
+        assert int(header["qform_code"]) == qform_code
+        if qform_code:
+            assert np.allclose(header.get_qform(), affine, atol=1e-4)
 
 
 def test_copy_file_atomic_replaces_the_destination_and_leaves_no_temporary(tmp_path):
