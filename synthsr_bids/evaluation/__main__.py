@@ -18,6 +18,7 @@ from synthsr_bids.cli.run import setup_logging
 from synthsr_bids.errors import ExitCode
 
 from .cases import DEFAULT_DATA_DIR, SYNTHETIC_SEED
+from .degrade import DEFAULT_SLICE_PROFILE, SLICE_PROFILES
 
 __all__ = ["build_parser", "main"]
 
@@ -76,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--synthetic-cases", type=_non_negative_int, default=5,
                       help="number of synthetic cases (case i renders label map i mod 5); 0 = none")
     data.add_argument("--seed", type=int, default=SYNTHETIC_SEED, help="seed of the synthetic cases")
-    data.add_argument("--slice-spacing", type=float, default=5.0, help="thick-slice spacing (= thickness) in mm")
+    data.add_argument("--slice-spacing", type=float, default=5.0,
+                      help="thick-slice spacing (= thickness) in mm of the patient's degraded inputs")
+    data.add_argument("--slice-profile", choices=SLICE_PROFILES, default=DEFAULT_SLICE_PROFILE,
+                      help="slice profile of the patient's degraded inputs: box = mean over the slice (as a 2D "
+                           "acquisition), gaussian = sigma 0.42 x thickness (the training generator's, blurrier)")
 
     output = parser.add_argument_group("output")
     output.add_argument("--output-json", type=Path, default=None, metavar="FILE",
@@ -105,6 +110,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         patient_dir=args.patient_dir or args.data_dir / "open_ms_data" / "patient07",
         seed=args.seed,
         slice_spacing_mm=args.slice_spacing,
+        slice_profile=args.slice_profile,
         flip=args.flip,
         sharpen=args.sharpen,
         device=args.device,

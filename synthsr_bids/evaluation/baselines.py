@@ -2,9 +2,11 @@
 
 * ``trilinear`` / ``cubic``: the input resampled onto the reference grid
   (:func:`~synthsr_bids.preprocessing.resample.resample_to_grid`, spline order 1 / 3).
-  An input already on the reference grid is returned unchanged by both (one array, scored once):
-  that is the case of the synthetic inputs, which the generator has already linearly upsampled
-  from its thick slices to 1 mm (as the network sees them in training).
+  An input already on the reference grid is returned unchanged by both (one array, scored once).
+  The synthetic inputs are such inputs, but there the input itself is the generator's linear
+  upsampling of its thick slices (as the network sees them in training): there is no separate
+  cubic one, so the evaluation asks for no cubic baselines (``cubic=False``) rather than
+  reporting a copy of the trilinear one under that name.
 * ``trilinear+map`` / ``cubic+map``: the same, then a **monotone intensity mapping fitted on
   the reference inside the brain mask** (:func:`fit_monotone_mapping`: weighted isotonic
   regression of reference intensities on 256 quantile bins of the input, increasing or
@@ -116,19 +118,25 @@ def upsample(volume: Volume, shape: Sequence[int], affine: np.ndarray, *, order:
     return resample_onto(volume.data, volume.affine, shape, affine, order=order)
 
 
-def baseline_predictions(source: Volume, reference: Volume, mask: np.ndarray) -> dict[str, np.ndarray]:
-    """Every baseline of :data:`BASELINES` on the reference grid (``mask`` selects the mapping's voxels)."""
+def baseline_predictions(source: Volume, reference: Volume, mask: np.ndarray, *,
+                         cubic: bool = True) -> dict[str, np.ndarray]:
+    """The baselines of :data:`BASELINES` on the reference grid (``mask`` selects the mapping's voxels).
+
+    ``cubic=False``: the trilinear ones only (``trilinear``, ``trilinear+map``).
+    """
+    orders = {name: order for name, order in _ORDERS.items() if cubic or name != "cubic"}
     out: dict[str, np.ndarray] = {}
     if same_grid(source.shape, source.affine, reference.shape, reference.affine):
-        # Both interpolations are the input itself: one array under both names (scored once).
-        out["trilinear"] = out["cubic"] = np.asarray(source.data, dtype=np.float64)
+        # Every interpolation is the input itself: one array under each name (scored once).
+        data = np.asarray(source.data, dtype=np.float64)
+        out.update((name, data) for name in orders)
     else:
-        for name, order in _ORDERS.items():
+        for name, order in orders.items():
             out[name] = upsample(source, reference.shape, reference.affine, order=order)
-    for name in _ORDERS:
+    for name in orders:
         mapped = f"{name}+map"
         if name == "cubic" and out["cubic"] is out["trilinear"]:
             out[mapped] = out["trilinear+map"]
             continue
         out[mapped] = fit_monotone_mapping(out[name], reference.data, mask)(out[name])
-    return {name: out[name] for name in BASELINES}
+    return {name: out[name] for name in BASELINES if name in out}

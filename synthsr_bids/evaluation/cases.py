@@ -8,23 +8,29 @@ The generator's intensity, acquisition and pathology models are used as in train
 * no spatial augmentation (scaling 1, no rotation/shear/translation/deformation/flip) and a
   crop of the map's brain box plus :data:`SYNTHETIC_MARGIN` voxels, so every case is the whole
   brain on the map's own 1 mm grid;
-* always thick slices (``isotropic_prob = 0``), spaced :data:`SYNTHETIC_SLICE_SPACING` mm (training
-  draws from 1-9 mm, so seeded cases could otherwise be nearly isotropic);
+* thick slices along exactly one axis (``isotropic_prob = 0``, ``thick_axes_probs = (1, 0, 0)``:
+  training also draws 1 mm, 2-axis and 3-axis low-resolution inputs), with a fixed slice spacing
+  per case, :data:`SYNTHETIC_SLICE_SPACINGS` = 3, 4, 5, 6, 7 mm for cases 1-5 (training draws
+  1-9 mm); the axis, the slice thickness (U(1 mm, spacing)), obliqueness and phase stay drawn by
+  the generator and are recorded in the case details;
 * pathology more often (:data:`SYNTHETIC_PATHOLOGY`) so that the seeded cases include lesions.
 
-Case ``i`` uses map ``i mod 5`` and its own generator seeded with ``seed + i``: every run (and
-every ``--synthetic-cases`` count) evaluates the same cases. Input: the generator's 1 mm
-network input (already linearly upsampled from its thick slices, as in training); reference:
-its healthy synthetic T1 target; lesion mask: where pathology was painted into the input;
-NAWM: white-matter labels (2, 41) minus the lesions dilated by 2 voxels.
+Case ``i`` (from 0) uses map ``i mod 5``, spacing ``SYNTHETIC_SLICE_SPACINGS[i mod 5]`` and its own
+generator seeded with ``seed + i``: every run (and every ``--synthetic-cases`` count) evaluates
+the same cases. Input: the generator's 1 mm network input (already linearly upsampled from its
+thick slices, as in training: ``input_upsampled``, so there is no separate cubic baseline);
+reference: its healthy synthetic T1 target (``healthy_reference``); lesion mask: where
+pathology was painted into the input; NAWM: white-matter labels (2, 41) minus the lesions
+dilated by 2 voxels.
 
 **Patient** (:func:`patient_cases`): open_ms_data patient 07 (Lesjak et al. 2018; co-registered,
 skull-stripped, 1 mm MNI space). Reference: the real T1; brain mask: its nonzero voxels;
 lesions: the consensus mask (GOLD_STANDARD); NAWM (no labels available): brain voxels above the
 80th percentile of the T1 intensity, minus the lesions dilated by 2 voxels. Inputs: FLAIR and T2
-at 1 mm and degraded (:func:`~.degrade.thick_slices`) to 5 mm axial and 5 mm coronal slices,
-the T1 itself degraded to 5 mm axial slices, and the 1 mm T1 itself (baselines perfect by
-construction; the model's score measures how far its output is from a real T1 at best).
+at 1 mm and degraded (:func:`~.degrade.thick_slices`, box slice profile by default) to 5 mm
+axial and 5 mm coronal slices, the T1 itself degraded to 5 mm axial slices, and the 1 mm T1
+itself (baselines perfect by construction; the model's score measures how far its output is
+from a real T1 at best).
 """
 
 from __future__ import annotations
@@ -42,7 +48,7 @@ from synthsr_bids.errors import BadInputError
 from synthsr_bids.io import load_scan
 
 from .ceiling import flat_reference
-from .degrade import slice_axis, thick_slices
+from .degrade import DEFAULT_SLICE_PROFILE, SliceProfile, slice_axis, thick_slices
 from .metrics import bright_tissue_mask, nawm_mask
 from .volume import Volume, resample_onto
 
@@ -52,7 +58,8 @@ __all__ = [
     "SYNTHETIC_ALIASES",
     "SYNTHETIC_MARGIN",
     "SYNTHETIC_PATHOLOGY",
-    "SYNTHETIC_SLICE_SPACING",
+    "SYNTHETIC_SLICE_SPACINGS",
+    "SYNTHETIC_THICK_AXES_PROBS",
     "PATIENT_PATTERNS",
     "CaseDataError",
     "EvalCase",
@@ -70,7 +77,10 @@ SYNTHETIC_SEED = 20240611
 #: As ``validation_aliases`` in configs/default.toml: undetermined -> WM, choroid plexus -> ventricle.
 SYNTHETIC_ALIASES: Mapping[int, int] = {29: 2, 31: 4}
 SYNTHETIC_MARGIN = 4
-SYNTHETIC_SLICE_SPACING = (3.0, 7.0)
+#: Slice spacing (mm) of synthetic case i: ``SYNTHETIC_SLICE_SPACINGS[i mod 5]`` (one per held-out map).
+SYNTHETIC_SLICE_SPACINGS = (3.0, 4.0, 5.0, 6.0, 7.0)
+#: P(1, 2, 3 thick axes) of the generator: always exactly one (a 2D multi-slice acquisition).
+SYNTHETIC_THICK_AXES_PROBS = (1.0, 0.0, 0.0)
 SYNTHETIC_PATHOLOGY = {"plaque_prob": 0.6, "stroke_prob": 0.2, "tumour_prob": 0.2}
 WHITE_MATTER_LABELS = (2, 41)
 NAWM_DILATION = 2
@@ -92,7 +102,7 @@ PATIENT_CASES = (
     ("T2 5mm cor", "T2", "coronal"),
     ("T1 5mm ax", "T1", "axial"),
     # The reference itself as input: the baselines are perfect, the model's score is how far its output
-    # style (synthetic T1 targets) and its errors take it from a real 1 mm T1 (a ceiling for the rows above).
+    # style (synthetic T1 targets) and its errors take it from a real 1 mm T1.
     ("T1 1mm", "T1", None),
 )
 
@@ -113,8 +123,13 @@ class EvalCase:
         brain_mask: where the image metrics are computed.
         lesion_mask: lesions (None when there are none or no mask exists).
         nawm_mask: normal-appearing white matter (None without lesions).
-        flat_reference: the reference's flat rendering, scored as the ceiling (:mod:`.ceiling`); None
-            for a synthetic reference, which already is one. Patient cases share one array.
+        flat_reference: the reference's flat 3-class rendering, scored like a method (:mod:`.ceiling`);
+            None for a synthetic reference, which already is such a rendering. Patient cases share one array.
+        healthy_reference: the reference has no lesions by construction (synthetic), so a removed lesion
+            looks like the reference there (partial volume and blur included); otherwise (a real T1 with
+            the lesions) like NAWM (:func:`~.metrics.lesion_contrast`).
+        input_upsampled: the input already is a linear upsampling onto the reference grid (the generator's,
+            synthetic): there is no separate cubic interpolation of its thick slices to compare with.
         details: facts for the JSON output (contrast, slice geometry, lesion kinds, ...).
     """
 
@@ -126,15 +141,18 @@ class EvalCase:
     lesion_mask: np.ndarray | None = None
     nawm_mask: np.ndarray | None = None
     flat_reference: np.ndarray | None = None
+    healthy_reference: bool = False
+    input_upsampled: bool = False
     details: Mapping[str, Any] = field(default_factory=dict)
 
 
 # ---------------------------------------------------------------------------- synthetic
-def evaluation_generator_config(base: Any = None, *, crop_shape: tuple[int, int, int]) -> Any:
+def evaluation_generator_config(base: Any = None, *, crop_shape: tuple[int, int, int],
+                                slice_spacing_mm: float) -> Any:
     """The training :class:`GeneratorConfig` (``base``, default: its defaults) made for evaluation.
 
-    See the module docstring: no spatial augmentation, whole-brain crop, thick slices, more
-    pathology.
+    See the module docstring: no spatial augmentation, whole-brain crop, thick slices along one
+    axis spaced ``slice_spacing_mm``, more pathology.
     """
     from synthsr_bids.training.generator import GeneratorConfig
 
@@ -142,7 +160,7 @@ def evaluation_generator_config(base: Any = None, *, crop_shape: tuple[int, int,
     return dataclasses.replace(
         base, crop_shape=tuple(int(s) for s in crop_shape), scaling=(1.0, 1.0), rotation_deg=0.0, shear=0.0,
         translation_mm=0.0, svf_std_max=0.0, flip_prob=0.0, skull_strip_prob=0.0, isotropic_prob=0.0,
-        slice_spacing=SYNTHETIC_SLICE_SPACING,
+        thick_axes_probs=SYNTHETIC_THICK_AXES_PROBS, slice_spacing=(float(slice_spacing_mm),) * 2,
         **SYNTHETIC_PATHOLOGY,
     )
 
@@ -206,7 +224,9 @@ def synthetic_cases(
     for index in range(count):
         volume = volumes[index % len(volumes)]
         crop = tuple(int(e) + 2 * SYNTHETIC_MARGIN for e in volume.brain_extent)
-        config = evaluation_generator_config(base_config, crop_shape=crop)  # type: ignore[arg-type]
+        spacing = SYNTHETIC_SLICE_SPACINGS[index % len(SYNTHETIC_SLICE_SPACINGS)]
+        config = evaluation_generator_config(base_config, crop_shape=crop,  # type: ignore[arg-type]
+                                             slice_spacing_mm=spacing)
         if overrides:
             config = dataclasses.replace(config, **overrides)
         generator = SynthGenerator([volume], scheme, contrasts, config, seed=seed + index)
@@ -225,6 +245,8 @@ def synthetic_cases(
             brain_mask=brain,
             lesion_mask=lesion if has_lesion else None,
             nawm_mask=nawm_mask(white_matter, lesion, dilation=NAWM_DILATION) if has_lesion else None,
+            healthy_reference=True,
+            input_upsampled=True,
             details={"seed": seed + index, **_acquisition_details(params)},
         )
 
@@ -255,8 +277,12 @@ def _load(path: Path) -> Volume:
     return Volume(scan.data, scan.affine)
 
 
-def patient_cases(directory: Path, *, spacing_mm: float = 5.0) -> list[EvalCase]:
-    """The patient cases of :data:`PATIENT_CASES` whose source image exists (module docstring)."""
+def patient_cases(directory: Path, *, spacing_mm: float = 5.0,
+                  slice_profile: SliceProfile = DEFAULT_SLICE_PROFILE) -> list[EvalCase]:
+    """The patient cases of :data:`PATIENT_CASES` whose source image exists (module docstring).
+
+    ``slice_profile``: of the thick-slice degradations (:func:`~.degrade.thick_slices`).
+    """
     directory = Path(directory)
     files = find_patient_files(directory)
     reference = _load(files["T1"])
@@ -277,7 +303,7 @@ def patient_cases(directory: Path, *, spacing_mm: float = 5.0) -> list[EvalCase]
     if lesion is not None:
         nawm = nawm_mask(bright_tissue_mask(reference.data, brain, percentile=NAWM_T1_PERCENTILE), lesion,
                          dilation=NAWM_DILATION)
-    flat = flat_reference(reference.data, brain)  # one ceiling for every case of this patient
+    flat = flat_reference(reference.data, brain)  # one for every case of this patient
     sources: dict[str, Volume] = {"T1": reference}
     cases = []
     for name, contrast, orientation in PATIENT_CASES:
@@ -293,8 +319,8 @@ def patient_cases(directory: Path, *, spacing_mm: float = 5.0) -> list[EvalCase]
             details["slices"] = "1 mm (as acquired)"
         else:
             axis = slice_axis(source.affine, orientation)
-            image = thick_slices(source, axis=axis, spacing_mm=spacing_mm)
-            details.update(slices=f"{spacing_mm:g} mm {orientation}", slice_axis=axis)
+            image = thick_slices(source, axis=axis, spacing_mm=spacing_mm, profile=slice_profile)
+            details.update(slices=f"{spacing_mm:g} mm {orientation}", slice_axis=axis, slice_profile=slice_profile)
         details["input_shape"] = list(image.shape)
         details["input_zooms"] = [round(z, 3) for z in image.zooms]
         cases.append(EvalCase(name=name, group=directory.name, input=image, reference=reference, brain_mask=brain,

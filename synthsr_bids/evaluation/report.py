@@ -2,7 +2,8 @@
 
 Rows: the mean over the synthetic cases (and each synthetic case with ``verbose``), then every
 patient case. Cells of the method columns are ``r / SSIM / MAE%`` (MAE in % of the reference's
-robust range). JSON numbers that are undefined (NaN) are written as ``null``.
+robust range); "–" where a method does not apply (JSON ``null``: the cubic baselines of synthetic
+cases) or a number is undefined (NaN, written as ``null``).
 """
 
 from __future__ import annotations
@@ -22,31 +23,42 @@ from .run import METHODS, CaseResult, EvaluationResult
 
 __all__ = ["SCHEMA", "DEFINITIONS", "mean_case", "case_rows", "markdown_table", "json_document", "write_json", "dumps"]
 
-SCHEMA = "synthsr-bids-evaluation/1"
+#: /2: lesion "removed" is unsigned with signed contrasts beside it, synthetic cubic baselines are null.
+SCHEMA = "synthsr-bids-evaluation/2"
 SYNTHETIC_MEAN = "synthetic mean"
 DEFINITIONS = {
     "brain": "metrics inside the brain mask (synthetic: non-background labels; patient: nonzero voxels of the real T1)",
-    "outside_lesions": "model only: the same inside brain minus the lesions dilated by 2 voxels (unchanged anatomy)",
+    "outside_lesions": "model only: the same inside brain minus the lesions dilated by 2 voxels (unchanged "
+                       "anatomy); a case without lesions: the brain's metrics",
     "r": "Pearson correlation of the raw prediction and the reference",
     "fit": "least-squares a*prediction+b to the reference inside the region, applied before ssim and mae",
     "ssim": "3D SSIM, Gaussian window sigma 1.5 voxels, mask-weighted local statistics, mean over the region, "
             "L = reference robust range",
     "mae": "mean absolute error after the fit, as a fraction of the reference robust range "
            "(99th - 1st percentile of the reference inside the brain mask)",
-    "lesion": "contrast = mean(image/NAWM mean in lesion) - 1 for input (trilinear upsampling on the reference "
-              "grid) and prediction; left = prediction/input; removed = 1 - left (0 kept, 1 healthy WM look); "
-              f"NaN when |input contrast| < {MIN_SOURCE_CONTRAST}",
+    "lesion": "signed contrast c = mean(image/NAWM mean in lesion) - 1 of the input (source: trilinear "
+              "upsampling on the reference grid), the prediction and the reference; healthy = the contrast of "
+              "healthy tissue there: 0 for a real patient T1, the reference's own contrast for a synthetic "
+              "(healthy by construction) reference; left = |prediction - healthy| / |source|; removed = 1 - left "
+              "(1 inpainted, 0 as visible as in the input, < 0 more; a lesion of the opposite sign is still shown); "
+              f"NaN when |source| < {MIN_SOURCE_CONTRAST} (the case's details say so)",
     "nawm": "synthetic: white-matter labels minus lesions dilated by 2 voxels; patient: brain voxels above the 80th "
             "percentile of the real T1 minus lesions dilated by 2 voxels",
-    "reference_lesion": "lesion metrics of the reference itself against the same input (what a perfect model scores)",
-    "flat reference": "ceiling (real references only): the reference split into 3 intensity classes by k-means "
-                      "inside the brain, each voxel set to its class mean, blurred like the training target; what "
-                      "a perfect model of the generator's synthetic T1 rendering would score (ORACLE)",
+    "reference_lesion": "lesion metrics of the reference itself scored as the prediction: for a real T1 how "
+                        "visible its lesions are; 1 by construction for a synthetic (healthy) reference",
+    "flat reference": "flat 3-class reference (real references only): the reference split into 3 intensity classes "
+                      "by k-means inside the brain, each voxel set to its class mean, blurred like the training "
+                      "target (ORACLE). Not an upper bound: training targets have a dozen in-brain values and the "
+                      "score rises with the number of classes",
+    "cubic": "cubic spline upsampling of the input; null for synthetic cases, whose input the generator already "
+             "upsampled linearly (no separate cubic exists)",
+    "slice_profile": "patient thick slices along the slice axis: box = mean over the slab (thickness = spacing; "
+                     "default), gaussian = sigma 0.42 x thickness (the training generator's, blurrier)",
     "map": "baseline + monotone intensity mapping fitted on the reference inside the brain (ORACLE: uses the answer)",
     "seconds": "model: synthesize (resample, network, flip, sharpen) + resampling onto the reference grid",
 }
 _LABELS = {"model": "model", "trilinear": "trilinear", "cubic": "cubic", "trilinear+map": "trilinear+map (oracle)",
-           "cubic+map": "cubic+map (oracle)", "flat reference": "flat reference (ceiling)"}
+           "cubic+map": "cubic+map (oracle)", "flat reference": "flat 3-class reference"}
 
 
 def _finite(value: Any) -> float | None:
@@ -129,7 +141,9 @@ def markdown_table(result: EvaluationResult, *, verbose: bool = False) -> str:
         model = methods.get("model") or {}
         lesion = model.get("lesion")
         ref = row.get("reference_lesion")
-        removed = "–" if lesion is None else f"{_fmt(lesion.get('removed'), 2)} ({_fmt((ref or {}).get('removed'), 2)})"
+        # A synthetic reference is healthy by construction: its own score is 1 by definition, not news.
+        ref_cell = "–" if row["group"] == "synthetic" else _fmt((ref or {}).get("removed"), 2)
+        removed = "–" if lesion is None else f"{_fmt(lesion.get('removed'), 2)} ({ref_cell})"
         label = row["name"] if row["group"] == "synthetic" else f"{row['group']} {row['name']}"
         cells = [label, *(_triplet((methods.get(m) or {}).get("brain")) for m in METHODS),
                  _triplet(model.get("outside_lesions")), removed, _fmt(row.get("seconds"), 1)]
@@ -139,10 +153,12 @@ def markdown_table(result: EvaluationResult, *, verbose: bool = False) -> str:
         f"{_on_off(result.config.flip)}, sharpening {_on_off(result.config.sharpen)}). Cells: r / SSIM / MAE (% of the "
         "reference's 1-99th percentile range), inside the brain, after a least-squares linear fit of each "
         "prediction to the reference. \"(oracle)\": monotone intensity mapping fitted on the reference itself. "
-        "Lesion removed: 1 - (prediction's lesion contrast / input's), relative to NAWM; 0 = kept, 1 = looks "
-        "like healthy WM; \"ref\" = the same number for the reference T1. \"flat reference (ceiling)\": the real "
-        "T1 reduced to 3 tissue classes (k-means, class means) and blurred like the training targets, i.e. the "
-        "best a perfect model of the synthetic targets can score. Time: model synthesis per case."
+        "Synthetic cases: no cubic baselines (the generator upsampled their input linearly). Lesion removed: "
+        "1 - |c_pred - c_healthy| / |c_input|, c = lesion contrast relative to NAWM, c_healthy = 0 for the "
+        "patient and the reference's own contrast for synthetic cases; 1 = inpainted, 0 = as visible as in "
+        "the input (a dark lesion from a bright one is still a lesion); \"ref\" = the real T1 scored the same "
+        "way. \"flat 3-class reference\": the real T1 reduced to 3 tissue classes (k-means, class means) and "
+        "blurred like the training targets (not an upper bound). Time: model synthesis per case."
     )
     if result.skipped:
         legend += "\nSkipped: " + "; ".join(result.skipped)

@@ -4,13 +4,15 @@ The model goes through :func:`~synthsr_bids.inference.predict.synthesize` exactl
 participant pipeline (resample to 1 mm, RAS, normalise, network, flip averaging, sharpening,
 back to the input's axes); its 1 mm output is then resampled (trilinear) onto the reference
 grid. Metrics are computed on the brain's bounding box (plus the SSIM window) to save time.
-Patient cases are also scored against the flat-reference ceiling (:mod:`.ceiling`).
+Patient cases also score the flat 3-class reference (:mod:`.ceiling`); synthetic cases, whose
+input the generator already upsampled linearly, have no cubic baselines (``None``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,7 +35,9 @@ from .cases import (
     synthetic_cases,
 )
 from .ceiling import CEILING
+from .degrade import DEFAULT_SLICE_PROFILE, SliceProfile
 from .metrics import (
+    MIN_SOURCE_CONTRAST,
     SSIM_SIGMA,
     SSIM_TRUNCATE,
     ImageMetrics,
@@ -63,7 +67,7 @@ __all__ = [
 
 LOGGER = logging.getLogger(__name__)
 
-#: Methods in table order: the model, the baselines, then the flat-reference ceiling (real references only).
+#: Methods in table order: the model, the baselines, then the flat 3-class reference (real references only).
 METHODS = ("model", *BASELINES, CEILING)
 EXPORT_HINT = (
     "Pass --model PATH (a .safetensors/.h5 file) or a registered name; to evaluate the model being trained, "
@@ -102,6 +106,7 @@ class EvaluationConfig:
     patient_dir: Path = DEFAULT_DATA_DIR / "open_ms_data" / "patient07"
     seed: int = SYNTHETIC_SEED
     slice_spacing_mm: float = 5.0
+    slice_profile: SliceProfile = DEFAULT_SLICE_PROFILE  #: of the patient's thick-slice degradations
     flip: bool = True
     sharpen: bool | None = None  #: None = as the model's weight file asks (resolved by run_evaluation)
     device: str = "cpu"
@@ -116,7 +121,8 @@ class MethodResult:
     """Scores of one method on one case."""
 
     brain: ImageMetrics  #: inside the brain mask
-    outside_lesions: ImageMetrics | None = None  #: brain minus the lesions dilated by 2 voxels (model only)
+    #: brain minus the lesions dilated by 2 voxels (model only); the brain's metrics for a case without lesions
+    outside_lesions: ImageMetrics | None = None
     lesion: LesionContrast | None = None  #: lesion contrast left/removed (input = trilinear upsampling)
 
     def to_dict(self) -> dict[str, Any]:
@@ -132,7 +138,7 @@ class CaseResult:
     name: str
     group: str
     seconds: float  #: model: synthesize + resampling onto the reference grid
-    methods: Mapping[str, MethodResult]
+    methods: Mapping[str, MethodResult | None]  #: None: not applicable to this case (JSON null)
     reference_lesion: LesionContrast | None = None  #: the reference's own lesion contrast vs the input
     details: Mapping[str, Any] = field(default_factory=dict)
 
@@ -143,7 +149,7 @@ class CaseResult:
             "seconds": self.seconds,
             "details": dict(self.details),
             "reference_lesion": None if self.reference_lesion is None else self.reference_lesion.to_dict(),
-            "methods": {name: result.to_dict() for name, result in self.methods.items()},
+            "methods": {name: None if result is None else result.to_dict() for name, result in self.methods.items()},
         }
 
 
@@ -199,7 +205,9 @@ def score_predictions(
     """Score every prediction (on the reference grid) of ``case``; ``source`` = the input on that grid.
 
     Metrics outside the lesions are computed for the methods in ``outside_lesions`` only (SSIM is
-    the expensive part); a prediction passed under two names (the same array) is scored once.
+    the expensive part); in a case without lesions they are the brain's (so that a mean over
+    cases averages the same cases as the brain's). A prediction passed under two names (the same
+    array) is scored once.
     """
     from scipy import ndimage
 
@@ -215,33 +223,54 @@ def score_predictions(
     lesion, nawm = crop(case.lesion_mask), crop(case.nawm_mask)
     source_c = crop(source)
     scale = robust_range(reference, brain)
+    has_lesions = lesion is not None and bool(lesion.any())
     outside = None
-    if lesion is not None and lesion.any():
+    if has_lesions:
         outside = brain & ~ndimage.binary_dilation(lesion, iterations=NAWM_DILATION)
         if outside.sum() < 2:
             outside = None
-    with_lesions = lesion is not None and nawm is not None and lesion.any() and nawm.any()
+    with_lesions = has_lesions and nawm is not None and nawm.any()
     results: dict[str, MethodResult] = {}
     done: dict[tuple[int, bool], MethodResult] = {}
     for name, prediction in predictions.items():
-        wants_outside = outside is not None and name in outside_lesions
+        wants_outside = name in outside_lesions and (outside is not None or not has_lesions)
         key = (id(prediction), wants_outside)
         if key not in done:
             pred = crop(prediction)
+            in_brain = image_metrics(pred, reference, brain, value_range=scale)
+            outside_metrics = None
+            if wants_outside and has_lesions:
+                outside_metrics = image_metrics(pred, reference, outside, value_range=scale)
+            elif wants_outside:  # nothing to leave out
+                outside_metrics = in_brain
             done[key] = MethodResult(
-                brain=image_metrics(pred, reference, brain, value_range=scale),
-                outside_lesions=image_metrics(pred, reference, outside, value_range=scale) if wants_outside else None,
-                lesion=lesion_contrast(pred, source_c, lesion, nawm) if with_lesions else None,
+                brain=in_brain,
+                outside_lesions=outside_metrics,
+                lesion=lesion_contrast(pred, source_c, lesion, nawm, reference=reference,
+                                       healthy_reference=case.healthy_reference) if with_lesions else None,
             )
         results[name] = done[key]
     return results
 
 
 def reference_lesion_contrast(case: EvalCase, source: np.ndarray) -> LesionContrast | None:
-    """The lesion metrics of the reference itself (what a perfect model would score)."""
+    """The lesion metrics of the reference itself scored as the prediction.
+
+    For a real T1 (lesions visible) this says how far it is from healthy-looking tissue; for a
+    healthy reference (synthetic) it is 1 by construction.
+    """
     if case.lesion_mask is None or case.nawm_mask is None or not case.lesion_mask.any() or not case.nawm_mask.any():
         return None
-    return lesion_contrast(case.reference.data, source, case.lesion_mask, case.nawm_mask)
+    return lesion_contrast(case.reference.data, source, case.lesion_mask, case.nawm_mask,
+                           reference=case.reference.data, healthy_reference=case.healthy_reference)
+
+
+def _lesion_note(lesion: LesionContrast | None) -> str | None:
+    """Why a case with lesions has no "removed" number (None when it has one or has no lesions)."""
+    if lesion is None or math.isfinite(lesion.removed):
+        return None
+    return (f"no lesion-removed number: the input's lesion contrast ({lesion.source:+.3f} relative to NAWM) is "
+            f"below {MIN_SOURCE_CONTRAST:g} in magnitude")
 
 
 def evaluate_case(case: EvalCase, model: Any, options: Any) -> CaseResult:
@@ -255,13 +284,19 @@ def evaluate_case(case: EvalCase, model: Any, options: Any) -> CaseResult:
     seconds = time.perf_counter() - started
     for note in result.notes:
         LOGGER.info("%s: %s", case.name, note)
-    baselines = baseline_predictions(case.input, reference, case.brain_mask)
+    baselines = baseline_predictions(case.input, reference, case.brain_mask, cubic=not case.input_upsampled)
     predictions = {"model": prediction, **baselines}
     if case.flat_reference is not None:  # real references only (see .ceiling)
         predictions[CEILING] = case.flat_reference
-    methods = score_predictions(case, predictions, baselines["trilinear"])
+    scored = score_predictions(case, predictions, baselines["trilinear"])
+    # Methods that do not apply are listed as None in table order (a flat reference is simply absent).
+    methods: dict[str, MethodResult | None] = {m: scored.get(m) for m in METHODS if m in scored or m != CEILING}
+    details = dict(case.details)
+    note = _lesion_note(scored["model"].lesion)
+    if note is not None:
+        details["lesion_removed"] = note
     return CaseResult(name=case.name, group=case.group, seconds=seconds, methods=methods,
-                      reference_lesion=reference_lesion_contrast(case, baselines["trilinear"]), details=dict(case.details))
+                      reference_lesion=reference_lesion_contrast(case, baselines["trilinear"]), details=details)
 
 
 # ---------------------------------------------------------------------------- driver
@@ -284,7 +319,8 @@ def _planned_parts(config: EvaluationConfig, skipped: list[str]) -> list[_Part]:
         parts.append(_Part("synthetic cases", config.synthetic_cases,
                            synthetic_cases(label_maps, config.synthetic_cases, seed=config.seed)))
     try:
-        patients = patient_cases(Path(config.patient_dir), spacing_mm=config.slice_spacing_mm)
+        patients = patient_cases(Path(config.patient_dir), spacing_mm=config.slice_spacing_mm,
+                                 slice_profile=config.slice_profile)
     except CaseDataError as exc:
         skipped.append(f"patient cases: {exc}")
     else:
@@ -323,7 +359,9 @@ def run_evaluation(config: EvaluationConfig, model: LoadedModel, *, progress: bo
                     results.append(result)
                     done += 1
                     bar.update(1)
-                    m, t = result.methods["model"].brain, result.methods["trilinear"].brain
+                    model_result, trilinear = result.methods["model"], result.methods["trilinear"]
+                    assert model_result is not None and trilinear is not None  # scored for every case
+                    m, t = model_result.brain, trilinear.brain
                     LOGGER.info("[%d/%d] %s %s: model r=%.3f SSIM=%.3f MAE=%.1f%% (trilinear r=%.3f SSIM=%.3f "
                                 "MAE=%.1f%%); synthesis %.1f s, case %.1f s", index, total, case.group, case.name,
                                 m.r, m.ssim, 100 * m.mae, t.r, t.ssim, 100 * t.mae, result.seconds,
