@@ -42,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 
 from synthsr_bids.errors import BadInputError
@@ -277,6 +278,16 @@ def _load(path: Path) -> Volume:
     return Volume(scan.data, scan.affine)
 
 
+def _load_mask(path: Path) -> Volume:
+    """A label image as stored: not through :func:`load_scan`, whose fixes for scans (clipping a few
+    extreme voxels, ...) are not meant for labels."""
+    try:
+        img = nib.load(str(path))
+        return Volume(np.asarray(img.dataobj, dtype=np.float64), np.asarray(img.affine, dtype=np.float64))
+    except Exception as exc:  # nibabel raises many types for broken files
+        raise CaseDataError(f"{path}: cannot read the lesion mask ({exc})") from exc
+
+
 def patient_cases(directory: Path, *, spacing_mm: float = 5.0,
                   slice_profile: SliceProfile = DEFAULT_SLICE_PROFILE) -> list[EvalCase]:
     """The patient cases of :data:`PATIENT_CASES` whose source image exists (module docstring).
@@ -291,7 +302,7 @@ def patient_cases(directory: Path, *, spacing_mm: float = 5.0,
         raise CaseDataError(f"{files['T1']}: the T1 has no nonzero (brain) voxels")
     lesion = None
     if "lesions" in files:
-        masks = _load(files["lesions"])
+        masks = _load_mask(files["lesions"])
         lesion = resample_onto(masks.data, masks.affine, reference.shape, reference.affine, order=0) > 0.5
         lesion &= brain
         if not lesion.any():
