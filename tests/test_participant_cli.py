@@ -450,6 +450,14 @@ def test_output_under_a_file_exits_73(tmp_path, models):
     assert main(argv) == 73
 
 
+def test_group_level_on_a_mistyped_output_folder_creates_nothing(clean_run, tmp_path, caplog):
+    typo = tmp_path / "ds-derivativs" / "synthsr"
+    with caplog.at_level(logging.INFO, logger="synthsr_bids"):
+        assert main([str(clean_run["bids"]), str(typo), "group", "--skip-registration"]) == 66
+    assert f"{typo} holds no synthsr-bids derivatives" in caplog.text and "check the output_dir path" in caplog.text
+    assert not typo.parent.exists()
+
+
 def test_group_level_reports_missing_participants(clean_run, caplog):
     with caplog.at_level(logging.INFO, logger="synthsr_bids"):
         assert main([str(clean_run["bids"]), str(clean_run["out"]), "group", "--skip-registration"]) == 0

@@ -164,6 +164,16 @@ def run_participant(config: RunConfig) -> ExitCode:
     return ExitCode.OK
 
 
+def _check_group_input(config: RunConfig) -> None:
+    from synthsr_bids.errors import NoInputError
+
+    if not (config.output_dir / "dataset_description.json").is_file():
+        raise NoInputError(
+            f"{config.output_dir} holds no synthsr-bids derivatives (no dataset_description.json): run the "
+            "participant level first, or check the output_dir path"
+        )
+
+
 def run_group(config: RunConfig) -> ExitCode:
     """Group level: QC and volume tables, template registration, median template, lesion
     frequency map and the group report, from what participant level wrote
@@ -185,6 +195,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             from synthsr_bids.errors import NoInputError
 
             raise NoInputError(f"the BIDS directory {config.bids_dir} does not exist")
+        if config.analysis_level == "group":
+            _check_group_input(config)  # before anything is created: a mistyped folder stays uncreated
         log_file = _prepare_output(config)
         setup_logging(config.verbosity, log_file)
         LOGGER.info("synthsr-bids %s, run %s", __version__, config.run_id)
