@@ -239,6 +239,32 @@ def test_registration_aligns_image_and_lesion(registration_case):
     assert json.loads(job.xfm_json.read_text())["TransformType"] == "Affine"
 
 
+def test_registration_rerun_refreshes_outdated_sidecars(registration_case, tmp_path):
+    """An up-to-date registration is not redone, but sidecars that differ from what this version writes
+    (an older version's, without Resolution) are rewritten; the correlation is the same number both ways."""
+    from synthsr_bids.group.register import CORRELATION_DIGITS, register_one
+
+    out = tmp_path / "out"
+    job = _job(registration_case, xfm=out / "x_xfm.h5", xfm_json=out / "x_xfm.json", warped=out / "x.nii.gz",
+               warped_json=out / "x.json", warped_lesion=out / "x_mask.nii.gz", warped_lesion_json=out / "x_mask.json",
+               warped_sidecar={"SkullStripped": False, "Resolution": "res-1"},
+               lesion_sidecar={"Type": "Lesion", "Resolution": "res-1"})
+    fresh = register_one(job)
+    assert fresh.status == "written" and fresh.updated_sidecars == ()
+    assert fresh.correlation == round(fresh.correlation, CORRELATION_DIGITS)
+    assert json.loads(job.xfm_json.read_text())["TemplateCorrelation"] == fresh.correlation
+    for sidecar in (job.warped_json, job.warped_lesion_json):
+        sidecar.write_text(json.dumps({k: v for k, v in json.loads(sidecar.read_text()).items() if k != "Resolution"}))
+    stamps = [p.stat().st_mtime_ns for p in (job.xfm, job.warped, job.warped_lesion)]
+    rerun = register_one(job)
+    assert rerun.status == "skipped" and rerun.correlation == fresh.correlation
+    assert rerun.updated_sidecars == ("x.json", "x_mask.json")
+    assert json.loads(job.warped_json.read_text()) == {"SkullStripped": False, "Resolution": "res-1"}
+    assert json.loads(job.warped_lesion_json.read_text()) == {"Type": "Lesion", "Resolution": "res-1"}
+    assert [p.stat().st_mtime_ns for p in (job.xfm, job.warped, job.warped_lesion)] == stamps
+    assert register_one(job).updated_sidecars == ()  # up to date: nothing rewritten
+
+
 def test_registration_failure_is_reported_not_raised(registration_case, tmp_path):
     from synthsr_bids.group.register import register_one
 
@@ -274,3 +300,9 @@ def test_registration_in_worker_processes(registration_case, tmp_path):
     # deterministic: same seed, one ITK thread per job
     a, b = (nib.load(str(j.warped)).get_fdata() for j in jobs)
     np.testing.assert_allclose(a, b, atol=1e-4)
+    # rerun: skipped in the workers too, with the same correlation and the rewritten sidecar reported
+    jobs[1].warped_json.write_text(json.dumps({"Outdated": True}))
+    again = run_jobs(jobs, workers=2)
+    assert [o.status for o in again] == ["skipped", "skipped"]
+    assert [o.correlation for o in again] == [o.correlation for o in outcomes]
+    assert [o.updated_sidecars for o in again] == [(), (jobs[1].warped_json.name,)]

@@ -60,7 +60,15 @@ def study(tmp_path_factory):
     finally:
         mp.undo()
     return {"root": root, "bids": bids, "out": out, "home": home, "participant": participant, "group": group,
-            "common": common}
+            "common": common, "qc_tsv": (out / "group_desc-qc.tsv").read_bytes(),
+            "volumes_tsv": (out / "group_desc-volumes.tsv").read_bytes()}
+
+
+def _copy_study(study, tmp_path):
+    """A copy of the study's derivatives, for tests that change them."""
+    out = tmp_path / "out"
+    shutil.copytree(study["out"], out)
+    return out
 
 
 def test_exit_codes(study):
@@ -167,7 +175,7 @@ def test_group_report_lists_missing_and_shows_figures(study):
     assert links.external == []
     assert len(links.images) == 6  # QC, volumes, asymmetry, registration, median, lesion map
     for target in links.images + links.links:
-        assert (out / target).is_file(), target
+        assert (out / target.split("#")[0]).is_file(), target
     text = " ".join(links.text)
     assert "sub-04" in text and "sub-04/anat/sub-04_T1w.nii.gz" in text
     assert {"sub-01.html", "sub-02.html", "sub-03.html"} <= set(links.links)
@@ -188,6 +196,11 @@ def test_group_rerun_reuses_registrations(study, monkeypatch, caplog):
     assert xfm.stat().st_mtime_ns == stamp
     assert caplog.text.count("registration up to date, skipped") == 3
     assert "participants without any synthetic image (failed or not run): sub-04" in caplog.text
+    assert "although the participant runs selected scans as this run does" in caplog.text
+    assert "rewrote" not in caplog.text and "removed" not in caplog.text
+    # the correlation read back from the transforms' sidecars is the one computed: identical tables
+    assert (out / "group_desc-qc.tsv").read_bytes() == study["qc_tsv"]
+    assert (out / "group_desc-volumes.tsv").read_bytes() == study["volumes_tsv"]
 
 
 def test_group_without_template_offline_explains(study, tmp_path, monkeypatch, caplog):
@@ -204,6 +217,118 @@ def test_group_without_template_offline_explains(study, tmp_path, monkeypatch, c
     assert main([str(study["bids"]), str(out), "group", "--skip-registration", *study["common"]]) == 0
     rows = read_table(out / "group_desc-qc.tsv")
     assert len(rows) == 3 and all(r["template_corr"] == "n/a" for r in rows)
+
+
+def test_stale_segmentation_and_lesion_mask_are_ignored(study, tmp_path, monkeypatch, caplog):
+    """sub-03's synthetic image is replaced (another model) without segmenting it again and without its
+    lesion mask: the old dseg, volumes and lesion mask describe the old image and must not be used."""
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(study["home"]))
+    out = _copy_study(study, tmp_path)
+    other = write_model(random_unet(), tmp_path / "other.safetensors")
+    assert main([str(study["bids"]), str(out), "participant", "--participant-label", "03", "--overwrite",
+                 "--skip-segmentation", "--model", str(other), "--skip-reports", *study["common"]]) == 0
+    dseg = out / "sub-03/anat/sub-03_desc-synthsegT1w_dseg.nii.gz"
+    mask = out / "sub-03/anat/sub-03_label-lesion_desc-synthsrT1w_mask.nii.gz"
+    assert dseg.is_file() and mask.is_file()  # left by the first run
+    with caplog.at_level(logging.WARNING, logger="synthsr_bids"):
+        assert main([str(study["bids"]), str(out), "group", *study["common"]]) == 0
+    assert ("sub-03/anat/sub-03_desc-synthsegT1w_dseg.nii.gz was made from an earlier version of "
+            "sub-03_desc-synthsrT1w_T1w.nii.gz") in caplog.text
+    assert "rerun the participant level for sub-03 without --skip-segmentation" in caplog.text
+    assert "sub-03/anat/sub-03_label-lesion_desc-synthsrT1w_mask.nii.gz was made from an earlier version" in caplog.text
+    rows = {r["participant_id"]: r for r in read_table(out / "group_desc-qc.tsv")}
+    assert rows["sub-03"]["model"] == "other"
+    for column in ("segmented_volume_mm3", "wm_median", "cjv", "lesion_volume_mm3"):
+        assert rows["sub-03"][column] == "n/a", column
+    assert rows["sub-03"]["stale_outputs"] == "segmentation,lesion_mask"
+    assert rows["sub-01"]["stale_outputs"] == rows["sub-02"]["stale_outputs"] == "n/a"
+    assert "<th>stale_outputs</th>" in (out / "group.html").read_text()
+    assert "<td>segmentation, lesion_mask</td>" in (out / "group.html").read_text()
+    assert as_float(rows["sub-01"]["segmented_volume_mm3"]) > 0
+    assert [r["participant_id"] for r in read_table(out / "group_desc-volumes.tsv")] == ["sub-01", "sub-02"]
+    # the old mask is not moved to the template nor counted in the lesion map
+    lesion_map = json.loads((out / f"space-{TEMPLATE}_res-1_desc-lesion_probseg.json").read_text())["SynthSR"]
+    assert lesion_map["Participants"] == ["sub-01"] and lesion_map["N"] == 1
+    xfm = json.loads((out / IMAGES["03"].replace("_T1w.nii.gz", f"_from-T1w_to-{TEMPLATE}_mode-image_xfm.json"))
+                     .read_text())
+    assert xfm["Provenance"]["LesionSHA256"] is None
+
+
+def test_group_outputs_describe_only_this_run(study, tmp_path, monkeypatch, caplog):
+    from synthsr_bids.group.run import REPORT, group_outputs_on_disk
+    from synthsr_bids.reports.group import REPORT_NAME
+
+    assert REPORT == REPORT_NAME
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(study["home"]))
+    out = _copy_study(study, tmp_path)
+    lesion_map = out / f"space-{TEMPLATE}_res-1_desc-lesion_probseg.nii.gz"
+    lesion_figure = out / f"figures/group_space-{TEMPLATE}_desc-lesion_plot.png"
+    assert lesion_map.is_file() and lesion_figure.is_file()
+    # (a) one participant, without a lesion mask: every group output is about sub-02 alone
+    with caplog.at_level(logging.WARNING, logger="synthsr_bids"):
+        assert main([str(study["bids"]), str(out), "group", "--participant-label", "02", *study["common"]]) == 0
+    assert "group level run on a selection (--participant-label 02)" in caplog.text
+    assert f"removed space-{TEMPLATE}_res-1_desc-lesion_probseg.nii.gz" in caplog.text
+    assert [r["participant_id"] for r in read_table(out / "group_desc-qc.tsv")] == ["sub-02"]
+    assert [r["participant_id"] for r in read_table(out / "group_desc-volumes.tsv")] == ["sub-02"]
+    median = json.loads((out / f"space-{TEMPLATE}_res-1_desc-median_T1w.json").read_text())
+    assert median["SynthSR"]["Participants"] == ["sub-02"]
+    assert not lesion_map.exists() and not lesion_map.with_name(lesion_map.name.replace(".nii.gz", ".json")).exists()
+    assert not lesion_figure.exists()
+    assert "No lesion masks" in (out / "group.html").read_text()
+    # (b) no valid segmentation, no registration, no report: only the QC table remains
+    for path in (out / "sub-02/anat").glob("*desc-synthseg*"):
+        path.unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="synthsr_bids"):
+        assert main([str(study["bids"]), str(out), "group", "--participant-label", "02", "--skip-registration",
+                     "--skip-reports", *study["common"]]) == 0
+    assert "removed group_desc-volumes.tsv" in caplog.text and "removed group.html" in caplog.text
+    assert group_outputs_on_disk(out) == [out / "group_desc-qc.json", out / "group_desc-qc.tsv"]
+    assert (out / IMAGES["02"].replace("_desc-", f"_space-{TEMPLATE}_res-1_desc-")).is_file()  # per-image: kept
+
+
+def test_group_rerun_rewrites_outdated_template_sidecars(study, tmp_path, monkeypatch, caplog):
+    """A template-space sidecar written by an older version (no Resolution, which BIDS requires with
+    res-<N>) is rewritten although the registration itself is up to date."""
+    monkeypatch.setenv("TEMPLATEFLOW_HOME", str(study["home"]))
+    out = _copy_study(study, tmp_path)
+    sidecar = out / IMAGES["02"].replace("_desc-", f"_space-{TEMPLATE}_res-1_desc-").replace(".nii.gz", ".json")
+    old = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({k: v for k, v in old.items() if k != "Resolution"}))
+    xfm = out / IMAGES["02"].replace("_T1w.nii.gz", f"_from-T1w_to-{TEMPLATE}_mode-image_xfm.h5")
+    stamp = xfm.stat().st_mtime_ns
+    with caplog.at_level(logging.INFO, logger="synthsr_bids"):
+        assert main([str(study["bids"]), str(out), "group", *study["common"]]) == 0
+    assert json.loads(sidecar.read_text()) == old
+    assert xfm.stat().st_mtime_ns == stamp
+    assert f"registration up to date, skipped; rewrote {sidecar.name}" in caplog.text
+    assert caplog.text.count("rewrote") == 1
+    report = validate_dataset(out)
+    assert report.errors == (), report.summary()
+
+
+def test_missing_scans_warning_explains_the_selection(tmp_path, study, caplog):
+    """After participant --contrasts FLAIR, a plain group run lists the T2w as missing and says why."""
+    bids = tmp_path / "ds"
+    write_dataset_description(bids)
+    add_scan(bids, "sub-01/anat/sub-01_FLAIR.nii.gz", scan("FLAIR", zooms=(1, 1, 3), seed=1))
+    add_scan(bids, "sub-01/anat/sub-01_T2w.nii.gz", scan("T2w", zooms=(1, 1, 3), seed=2))
+    out = tmp_path / "out"
+    model = write_model(identity_unet(), tmp_path / "identity.safetensors")
+    assert main([str(bids), str(out), "participant", "--model", str(model), "--contrasts", "FLAIR",
+                 "--skip-segmentation", "--skip-reports", *study["common"]]) == 0
+    group = [str(bids), str(out), "group", "--skip-registration", "--skip-reports", *study["common"]]
+    with caplog.at_level(logging.WARNING, logger="synthsr_bids"):
+        assert main(group) == 0
+    assert "no synthetic image for raw scan sub-01/anat/sub-01_T2w.nii.gz" in caplog.text
+    assert ("The group level selects raw scans with its own --contrasts/--bids-filter-file/--session-label "
+            "(this run: default --contrasts)") in caplog.text
+    assert "Participant runs of this folder used: --contrasts FLAIR (logs/config-*.json)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="synthsr_bids"):
+        assert main([*group, "--contrasts", "FLAIR"]) == 0
+    assert "raw scan" not in caplog.text
 
 
 def test_group_needs_participant_outputs(tmp_path, study):

@@ -35,7 +35,9 @@ class _Links(html.parser.HTMLParser):
     def __init__(self) -> None:
         super().__init__()
         self.images: list[str] = []
-        self.links: list[str] = []
+        self.alts: list[str] = []
+        self.links: list[str] = []  # the files linked to (without any #fragment)
+        self.fragments: list[str] = []  # links into a section of a file: "sub-01.html#<id>"
         self.external: list[str] = []
         self.text: list[str] = []
 
@@ -47,8 +49,12 @@ class _Links(html.parser.HTMLParser):
                 self.external.append(value)
         if tag == "img":
             self.images.append(values["src"])
+            self.alts.append(values.get("alt") or "")
         if tag == "a" and values.get("href") and not values["href"].startswith("#"):
-            self.links.append(values["href"])
+            target, _, fragment = values["href"].partition("#")
+            self.links.append(target)
+            if fragment:
+                self.fragments.append(values["href"])
         if tag in ("script", "link"):
             self.external.append(f"<{tag}>")
 

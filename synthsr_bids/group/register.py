@@ -14,7 +14,9 @@ is written, unlike ``multiprocessing``'s spawn). A job is skipped on rerun when 
 records the same inputs (SHA-256 of image, template and mask, transform type, seed).
 
 QC: the Pearson correlation between the registered image and the template inside the
-template's brain mask (or inside its head, > 10% of the 99th percentile, without a mask).
+template's brain mask (or inside its head, > 10% of the 99th percentile, without a mask),
+rounded to :data:`CORRELATION_DIGITS` decimals both when it is computed and when a skipped
+job reads it back from the transform's sidecar, so a rerun reports the same number.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ LOGGER = logging.getLogger(__name__)
 
 SEED = 42
 LESION_THRESHOLD = 0.5
+CORRELATION_DIGITS = 4
 
 
 @dataclass(frozen=True)
@@ -75,6 +78,8 @@ class RegistrationOutcome:
     seconds: float = 0.0
     correlation: float = float("nan")
     error: str | None = None
+    updated_sidecars: tuple[str, ...] = ()
+    """Names of the sidecars a skipped job rewrote because they differed from this version's."""
 
 
 def template_mask_array(template: np.ndarray, mask: np.ndarray | None) -> np.ndarray:
@@ -83,6 +88,13 @@ def template_mask_array(template: np.ndarray, mask: np.ndarray | None) -> np.nda
     positive = template[template > 0]
     threshold = 0.1 * float(np.percentile(positive, 99)) if positive.size else 0.0
     return template > threshold
+
+
+def rounded_correlation(value: float | None) -> float:
+    """The template correlation as recorded and reported (NaN when undefined)."""
+    if value is None or not np.isfinite(value):
+        return float("nan")
+    return round(float(value), CORRELATION_DIGITS)
 
 
 def correlation_in_mask(image: np.ndarray, template: np.ndarray, mask: np.ndarray) -> float:
@@ -108,18 +120,46 @@ def _outputs(job: RegistrationJob) -> list[Path]:
     return paths
 
 
+def _sidecars(job: RegistrationJob) -> list[tuple[Path, dict[str, Any]]]:
+    """The template-space sidecars of ``job`` and the content this version writes."""
+    sidecars = [(job.warped_json, job.warped_sidecar)]
+    if job.lesion is not None and job.warped_lesion_json is not None:
+        sidecars.append((job.warped_lesion_json, job.lesion_sidecar))
+    return sidecars
+
+
+def refresh_sidecars(job: RegistrationJob) -> tuple[str, ...]:
+    """Rewrite (atomically) the sidecars of an up-to-date job that differ from this version's
+    (written by an older version); returns their names."""
+    updated = []
+    for path, content in _sidecars(job):
+        try:
+            current = json.loads(path.read_text())
+        except (OSError, ValueError):
+            current = None
+        if current != json.loads(json.dumps(content)):  # as read back (tuples become lists)
+            write_json_atomic(path, content)
+            updated.append(path.name)
+    return tuple(updated)
+
+
+def _is_up_to_date(job: RegistrationJob, recorded: dict[str, Any]) -> bool:
+    """The transform's sidecar records this job's inputs and every output is there."""
+    return (
+        not job.overwrite
+        and recorded.get("Provenance") == job.provenance
+        and all(p.is_file() for p in _outputs(job))
+    )
+
+
 def register_one(job: RegistrationJob) -> RegistrationOutcome:
     """Run one registration job; never raises (errors come back in the outcome)."""
     started = time.perf_counter()
     try:
         recorded = _recorded(job)
-        if (
-            not job.overwrite
-            and recorded is not None
-            and recorded.get("Provenance") == job.provenance
-            and all(p.is_file() for p in _outputs(job))
-        ):
-            return RegistrationOutcome(job.image, "skipped", 0.0, float(recorded.get("TemplateCorrelation", float("nan"))))
+        if recorded is not None and _is_up_to_date(job, recorded):
+            return RegistrationOutcome(job.image, "skipped", 0.0, rounded_correlation(recorded.get("TemplateCorrelation")),
+                                       updated_sidecars=refresh_sidecars(job))
         return _register(job, started)
     except Exception as exc:  # one image must not stop the group
         detail = traceback.format_exc(limit=3)
@@ -151,7 +191,7 @@ def _register(job: RegistrationJob, started: float) -> RegistrationOutcome:
         if warped.shape != template.shape:
             raise RuntimeError(f"ANTs returned an image of shape {warped.shape} for a template of shape {template.shape}")
         mask_data = np.asanyarray(nib.load(str(job.template_mask)).dataobj) if job.template_mask else None
-        correlation = correlation_in_mask(warped, template, template_mask_array(template, mask_data))
+        correlation = rounded_correlation(correlation_in_mask(warped, template, template_mask_array(template, mask_data)))
         save_nifti_atomic(warped, template_img.affine, job.warped)
         if job.lesion is not None and job.warped_lesion is not None:
             lesion = ants.apply_transforms(
@@ -172,7 +212,7 @@ def _register(job: RegistrationJob, started: float) -> RegistrationOutcome:
         "FromSpace": "T1w (scanner space of the synthetic image)",
         "ToSpace": job.template_name,
         "TransformType": job.transform_type,
-        "TemplateCorrelation": round(correlation, 4) if np.isfinite(correlation) else None,
+        "TemplateCorrelation": correlation if np.isfinite(correlation) else None,
         "RuntimeSeconds": round(seconds, 2),
         "Provenance": job.provenance,
     })
@@ -199,6 +239,7 @@ def _outcome_to_dict(outcome: RegistrationOutcome) -> dict[str, Any]:
     values = dataclasses.asdict(outcome)
     values["image"] = str(outcome.image)
     values["correlation"] = None if not np.isfinite(outcome.correlation) else outcome.correlation
+    values["updated_sidecars"] = list(outcome.updated_sidecars)
     return values
 
 
@@ -220,6 +261,7 @@ def _run_in_subprocess(job: RegistrationJob) -> RegistrationOutcome:
     return RegistrationOutcome(
         image=Path(values["image"]), status=values["status"], seconds=float(values["seconds"]),
         correlation=float("nan") if correlation is None else float(correlation), error=values.get("error"),
+        updated_sidecars=tuple(values.get("updated_sidecars", ())),
     )
 
 

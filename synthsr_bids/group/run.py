@@ -6,7 +6,11 @@
 3. unless ``--skip-registration``: register every image to the TemplateFlow template
    (``--template``, ``$TEMPLATEFLOW_HOME``), then the median template (one image per
    participant, the best correlated) and, where lesion masks exist, the lesion frequency map;
-4. ``group_desc-qc.tsv``, ``group_desc-volumes.tsv`` (+ JSON dictionaries) and ``group.html``.
+4. ``group_desc-qc.tsv``, ``group_desc-volumes.tsv`` (+ JSON dictionaries) and ``group.html``;
+5. every group-level file of an earlier run that this run did not write (a volumes table without
+   valid segmentations, a median template under ``--skip-registration``, a lesion map without
+   lesion masks, the report under ``--skip-reports``, unused figures...) is removed, so that the
+   group outputs always describe exactly this run's selection.
 
 Exit code 0, or 1 when an image could not be read or registered (the others are summarised).
 """
@@ -15,16 +19,17 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 from synthsr_bids.config import RunConfig
 from synthsr_bids.derivatives import dataset as shared_files
 from synthsr_bids.derivatives.sidecars import file_sha256
 from synthsr_bids.errors import ExitCode
 from synthsr_bids.group.atlas import lesion_frequency, median_image
-from synthsr_bids.group.collect import ImageRecord, collect, find_missing, select_images
+from synthsr_bids.group.collect import ImageRecord, collect, find_missing, select_images, selection_hint
 from synthsr_bids.group.qc import outlier_flags
 from synthsr_bids.group.tables import QC_COLUMNS, write_table
 from synthsr_bids.group.templates import template_reference
@@ -39,6 +44,8 @@ QC_TABLE = "group_desc-qc.tsv"
 VOLUMES_TABLE = "group_desc-volumes.tsv"
 MEDIAN_DESC = "median"
 LESION_DESC = "lesion"
+REPORT = "group.html"  # reports.group.REPORT_NAME, named here without importing the report machinery
+FIGURES = "figures"
 
 
 def median_path(output_dir: Path, template: str, resolution: int) -> Path:
@@ -72,10 +79,10 @@ def _jobs(records: Sequence[ImageRecord], template: Any, config: RunConfig) -> l
     jobs = []
     for record in records:
         image = record.image
-        lesion = image.lesion_mask if image.lesion_mask.is_file() else None
+        lesion = record.lesion_mask  # only a mask made from this image (collect.lesion_mask_is_current)
         xfm_uri = bids_uri_here(image.xfm(name), config.output_dir)
         provenance = {
-            "SourceSHA256": file_sha256(image.path),
+            "SourceSHA256": record.sha256,
             "Template": name,
             "TemplateResolution": template.resolution,
             "TemplateSHA256": template_sha,
@@ -133,6 +140,9 @@ def _register_all(records: list[ImageRecord], template: Any, config: RunConfig, 
         name = outcome.image.name
         if outcome.status == "failed":
             LOGGER.error("[%d/%d] %s: registration FAILED: %s", index, total, name, outcome.error)
+        elif outcome.status == "skipped" and outcome.updated_sidecars:
+            LOGGER.info("[%d/%d] %s: registration up to date, skipped; rewrote %s (written by an older version, "
+                        "now as this version writes it)", index, total, name, ", ".join(outcome.updated_sidecars))
         elif outcome.status == "skipped":
             LOGGER.info("[%d/%d] %s: registration up to date, skipped", index, total, name)
         else:
@@ -150,7 +160,9 @@ def _register_all(records: list[ImageRecord], template: Any, config: RunConfig, 
         record.registered_lesion = job.warped_lesion
 
 
-def _population_maps(records: list[ImageRecord], template: Any, config: RunConfig, space: Any) -> None:
+def _population_maps(records: list[ImageRecord], template: Any, config: RunConfig, space: Any) -> list[Path]:
+    """Median template and lesion frequency map (what exists of them); returns the files written."""
+    written: list[Path] = []
     output_dir = config.output_dir
     name = template.name
     registered = [r for r in records if r.registered is not None]
@@ -176,6 +188,7 @@ def _population_maps(records: list[ImageRecord], template: Any, config: RunConfi
                         "TemplateResolution": template.resolution, "TemplateFile": template.t1w.name},
         })
         space.median, space.median_n = path, len(chosen)
+        written += [path, _json_of(path)]
         LOGGER.info("median template of %d participant(s): %s", len(chosen), path.name)
     masks: dict[str, list[Path]] = {}
     for record in registered:
@@ -195,9 +208,11 @@ def _population_maps(records: list[ImageRecord], template: Any, config: RunConfi
                         "TemplateResolution": template.resolution},
         })
         space.lesion_map, space.lesion_n = path, n
+        written += [path, _json_of(path)]
         LOGGER.info("lesion frequency map of %d participant(s): %s (max %.2f)", n, path.name, float(frequency.max()))
     else:
         space.notes.append("No lesion masks: no lesion frequency map.")
+    return written
 
 
 # ---------------------------------------------------------------------------- tables
@@ -250,6 +265,76 @@ def volume_dictionary(structures: Sequence[str], asym_columns: Sequence[str]) ->
     return dictionary
 
 
+# ---------------------------------------------------------------------------- group outputs
+def group_outputs_on_disk(output_dir: Path) -> list[Path]:
+    """Every group-level file in ``output_dir``, of this run or of an earlier one (per-image files,
+    such as template-space images and transforms, are not group-level outputs)."""
+    patterns = [
+        QC_TABLE, _table_json(QC_TABLE), VOLUMES_TABLE, _table_json(VOLUMES_TABLE), REPORT,
+        f"{FIGURES}/group_*.png",
+        f"space-*_desc-{MEDIAN_DESC}_T1w.nii.gz", f"space-*_desc-{MEDIAN_DESC}_T1w.json",
+        f"space-*_desc-{LESION_DESC}_probseg.nii.gz", f"space-*_desc-{LESION_DESC}_probseg.json",
+    ]
+    return sorted({path for pattern in patterns for path in output_dir.glob(pattern) if path.is_file()})
+
+
+def _table_json(name: str) -> str:
+    return Path(name).with_suffix(".json").name
+
+
+_LINK_RE = re.compile(r"""(?:src|href)=["']([^"'#?:]+)(?:#[^"']*)?["']""")
+
+
+def report_files(report: Path) -> list[Path]:
+    """The report and the local files it links to (its figures)."""
+    links = _LINK_RE.findall(report.read_text())
+    return [report, *(report.parent / link for link in links)]
+
+
+def remove_stale_outputs(output_dir: Path, written: Iterable[Path]) -> list[Path]:
+    """Remove every group-level file this run did not write (each removal is one atomic unlink,
+    logged); returns the removed files."""
+    keep = {path.resolve() for path in written}
+    removed = []
+    for path in group_outputs_on_disk(output_dir):
+        if path.resolve() in keep:
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            LOGGER.warning("cannot remove %s, a group-level output of an earlier run that this run did not write "
+                           "(%s): delete it by hand, it does not describe this run", path, exc)
+            continue
+        removed.append(path)
+        LOGGER.warning("removed %s: a group-level output of an earlier run that this run did not write "
+                       "(so that the group outputs describe only this run)", path.relative_to(output_dir).as_posix())
+    return removed
+
+
+def _selection_text(config: RunConfig) -> str:
+    parts = []
+    if config.participant_labels:
+        parts.append("--participant-label " + " ".join(config.participant_labels))
+    if config.session_labels:
+        parts.append("--session-label " + " ".join(config.session_labels))
+    return " ".join(parts)
+
+
+def warn_partial_selection(config: RunConfig) -> None:
+    """Say that a participant/session selection makes the group outputs describe only that selection."""
+    selection = _selection_text(config)
+    if not selection:
+        return
+    LOGGER.warning(
+        "group level run on a selection (%s): %s, %s, the median template, the lesion map and %s now describe only "
+        "the selected images (group outputs of an earlier run, e.g. on everyone, are replaced or removed). "
+        "Run the group level without --participant-label/--session-label to summarise everyone",
+        selection, QC_TABLE, VOLUMES_TABLE, REPORT,
+    )
+
+
 # ---------------------------------------------------------------------------- entry point
 def run_group_level(config: RunConfig) -> ExitCode:
     """The group level (module docstring), one run at a time per output folder."""
@@ -272,6 +357,7 @@ def _run_group_level(config: RunConfig) -> ExitCode:
     started = time.perf_counter()
     output_dir = config.output_dir
     images = select_images(config)
+    warn_partial_selection(config)
     missing_subjects, missing_scans = find_missing(config, images)
     LOGGER.info("group level: %d synthetic T1w image(s) for %d participant(s)", len(images),
                 len({i.subject for i in images}))
@@ -279,6 +365,8 @@ def _run_group_level(config: RunConfig) -> ExitCode:
         LOGGER.warning("participants without any synthetic image (failed or not run): %s", ", ".join(missing_subjects))
     for relpath in missing_scans:
         LOGGER.warning("no synthetic image for raw scan %s", relpath)
+    if missing_scans:
+        LOGGER.warning("%s", selection_hint(config, len(missing_scans)))
     shared_files.ensure_bidsignore(output_dir, BIDSIGNORE_LINES)
 
     errors: list[str] = []
@@ -290,6 +378,7 @@ def _run_group_level(config: RunConfig) -> ExitCode:
             LOGGER.error("%s: cannot be read: %s", image.relpath, exc)
             errors.append(f"{image.relpath}: cannot be read: {exc}")
 
+    written: list[Path] = []
     space = None
     if config.downstream.registration and records:
         from synthsr_bids.group.templates import TemplateSpace, get_template
@@ -297,13 +386,9 @@ def _run_group_level(config: RunConfig) -> ExitCode:
         template = get_template(config.downstream.template, config.downstream.template_resolution)
         space = TemplateSpace(name=template.name, t1w=template.t1w, brain_mask=template.brain_mask)
         _register_all(records, template, config, errors)
-        space.registered = [
-            (f"sub-{r.image.subject}" + (f" ses-{r.image.session}" if r.image.session else "") + f" {r.image.contrast}",
-             r.registered)
-            for r in records if r.registered is not None
-        ]
+        space.registered = [(r.image.stem, r.registered) for r in records if r.registered is not None]
         if space.registered:
-            _population_maps(records, template, config, space)
+            written += _population_maps(records, template, config, space)
             shared_files.add_descriptions(output_dir, {
                 MEDIAN_DESC: f"Voxel-wise median of the registered synthetic T1w images ({template.name})",
                 LESION_DESC: f"Lesion frequency: fraction of participants lesioned per voxel ({template.name})",
@@ -315,15 +400,16 @@ def _run_group_level(config: RunConfig) -> ExitCode:
     for record, flags in zip(records, outlier_flags(rows)):
         record.flags = flags
     qc_rows = [record.qc_row() for record in records]
-    write_table(output_dir / QC_TABLE, list(QC_COLUMNS), qc_rows, QC_COLUMNS)
+    written += _write_table_files(output_dir / QC_TABLE, list(QC_COLUMNS), qc_rows, QC_COLUMNS)
     flagged = [r for r in qc_rows if r.get("qc_flags")]
     for row in flagged:
         LOGGER.warning("QC: %s flagged (%s)", row["image"], ", ".join(row["qc_flags"]))
     columns, volume_rows, structures, asym_columns = volume_table(records)
     if volume_rows:
-        write_table(output_dir / VOLUMES_TABLE, columns, volume_rows, volume_dictionary(structures, asym_columns))
+        written += _write_table_files(output_dir / VOLUMES_TABLE, columns, volume_rows,
+                                      volume_dictionary(structures, asym_columns))
     else:
-        LOGGER.info("no segmentation found: %s not written", VOLUMES_TABLE)
+        LOGGER.info("no valid segmentation found: %s not written", VOLUMES_TABLE)
 
     if config.downstream.reports:
         from synthsr_bids.reports.group import write_group_report
@@ -333,7 +419,16 @@ def _run_group_level(config: RunConfig) -> ExitCode:
             asymmetry_columns=asym_columns, missing_subjects=missing_subjects, missing_scans=missing_scans,
             errors=errors, space=space,
         )
+        written += report_files(path)
         LOGGER.info("group report: %s", path)
+    remove_stale_outputs(output_dir, written)
     LOGGER.info("group level finished in %.1f s: %d image(s), %d flagged, %d error(s)",
                 time.perf_counter() - started, len(records), len(flagged), len(errors))
     return ExitCode.SCAN_FAILED if errors else ExitCode.OK
+
+
+def _write_table_files(path: Path, columns: list[str], rows: Sequence[dict[str, Any]],
+                       dictionary: Any) -> list[Path]:
+    """Write a group table and its JSON dictionary; returns both paths."""
+    write_table(path, columns, rows, dictionary)
+    return [path, path.with_suffix(".json")]

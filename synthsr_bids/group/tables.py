@@ -33,9 +33,14 @@ QC_COLUMNS: Mapping[str, dict[str, str]] = {
     "cjv": {"Description": "Coefficient of joint variation of white and grey matter (lower is better)"},
     "segmented_volume_mm3": {"Description": "Volume of all non-background labels", "Units": "mm^3"},
     "lesion_volume_mm3": {"Description": "Volume of the lesion mask on the synthetic grid", "Units": "mm^3"},
-    "template_corr": {"Description": "Correlation with the template inside its brain mask after registration"},
+    "template_corr": {"Description": "Correlation with the template inside its brain mask after registration "
+                                     "(4 decimals)"},
     "qc_flags": {"Description": "Comma-separated metrics for which the image is an outlier (robust z > 3.5, "
                                 "+ above / - below the median) or fails a rule; n/a when none"},
+    "stale_outputs": {"Description": "Comma-separated participant-level outputs of this image that were ignored "
+                                     "because they were made from an earlier version of the synthetic image "
+                                     "(segmentation: dseg and volumes; lesion_mask); rerun the participant level "
+                                     "of this participant to remake them (see the log); n/a when none"},
 }
 
 

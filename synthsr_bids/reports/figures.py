@@ -198,6 +198,29 @@ def mosaic(
     return save_figure(fig, path)
 
 
+def spread(positions: Sequence[float], gap: float, low: float = 0.0, high: float = 1.0) -> np.ndarray:
+    """``positions`` moved apart to at least ``gap`` from each other, order kept, inside
+    ``[low, high]`` when they fit (label placement: labels at these heights do not overlap)."""
+    values = np.asarray(positions, dtype=np.float64)
+    if values.size == 0:
+        return values.copy()
+    order = np.argsort(values, kind="stable")
+    placed = np.clip(values[order], low, high)
+    for i in range(1, placed.size):
+        placed[i] = max(placed[i], placed[i - 1] + gap)
+    if placed[-1] > high:
+        placed[-1] = high
+        for i in range(placed.size - 2, -1, -1):
+            placed[i] = min(placed[i], placed[i + 1] - gap)
+    out = np.empty_like(placed)
+    out[order] = placed
+    return out
+
+
+#: Most flagged points named in one strip-plot panel (the farthest from the median first).
+MAX_POINT_LABELS = 6
+
+
 def strip_plots(
     series: Mapping[str, Sequence[float]],
     names: Sequence[str],
@@ -208,7 +231,8 @@ def strip_plots(
     columns: int = 4,
     title: str = "",
 ) -> Path:
-    """One panel per series: jittered points, median line, flagged points in red and named."""
+    """One panel per series: jittered points on the left, median line, flagged points in red
+    and named on the right (at most :data:`MAX_POINT_LABELS` per panel, the rest counted)."""
     keys = [k for k in series if any(math.isfinite(v) for v in series[k])]
     if not keys:
         keys = list(series)[:1]
@@ -225,24 +249,61 @@ def strip_plots(
         x = rng.uniform(-0.25, 0.25, size=len(values))
         finite = np.isfinite(values)
         ax.scatter(x[finite & ~marks], values[finite & ~marks], s=18, color="#1f77b4", alpha=0.8)
-        if (finite & marks).any():
-            ax.scatter(x[finite & marks], values[finite & marks], s=30, color=OUTLIER_COLOUR, marker="D")
-            for i in np.flatnonzero(finite & marks):
-                ax.annotate(names[i], (x[i], values[i]), fontsize=7, color=OUTLIER_COLOUR,
-                            xytext=(4, 2), textcoords="offset points")
+        median = float(np.median(values[finite])) if finite.any() else math.nan
         if finite.any():
-            ax.axhline(float(np.median(values[finite])), color="grey", lw=0.8, ls="--")
-        ax.set_xlim(-0.6, 0.6)
+            ax.axhline(median, color="grey", lw=0.8, ls="--")
+        ax.set_xlim(-0.4, 1.6)
         ax.set_xticks([])
         ax.set_title(key, fontsize=9)
         ax.set_ylabel((ylabels or {}).get(key, ""), fontsize=8)
         ax.tick_params(labelsize=7)
+        red = np.flatnonzero(finite & marks)
+        if red.size:
+            ax.scatter(x[red], values[red], s=30, color=OUTLIER_COLOUR, marker="D")
+            named = sorted(red, key=lambda i: -abs(values[i] - median))[:MAX_POINT_LABELS]
+            low, high = ax.get_ylim()
+            more = red.size - len(named)
+            heights = spread([(values[i] - low) / (high - low or 1.0) for i in named], gap=0.13,
+                             low=0.16 if more else 0.08, high=0.92)
+            for i, height in zip(named, heights):
+                ax.annotate(wrap_label(names[i], 24), (x[i], values[i]), xytext=(0.36, height),
+                            textcoords="axes fraction", fontsize=6, color=OUTLIER_COLOUR, va="center",
+                            arrowprops={"arrowstyle": "-", "color": OUTLIER_COLOUR, "lw": 0.5})
+            if more:
+                ax.text(0.98, 0.02, f"+{more} more flagged", transform=ax.transAxes,
+                        fontsize=6, color=OUTLIER_COLOUR, ha="right", va="bottom")
     for position in range(len(keys), rows * columns):
         axes[position // columns][position % columns].set_visible(False)
     if title:
         fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+def wrap_label(name: str, width: int = 28) -> str:
+    """``name`` on lines of at most ``width`` characters where possible, broken after ``_``
+    (BIDS entities stay whole): ``sub-02_ses-1_run-01_desc-synthsrT2w_T1w`` ->
+    ``sub-02_ses-1_run-01_`` / ``desc-synthsrT2w_T1w``."""
+    lines: list[str] = []
+    current = ""
+    for part in name.replace("_", "_\0").split("\0"):
+        if current and len(current) + len(part) > width:
+            lines.append(current)
+            current = part
+        else:
+            current += part
+    lines.append(current)
+    return "\n".join(lines)
+
+
+def pages(n: int, per_page: int) -> list[range]:
+    """Indices ``0..n-1`` cut into consecutive pages of at most ``per_page``, of even sizes
+    (52 items by 48 -> 26 + 26, not 48 + 4)."""
+    if n <= 0:
+        return []
+    count = math.ceil(n / per_page)
+    bounds = [round(i * n / count) for i in range(count + 1)]
+    return [range(bounds[i], bounds[i + 1]) for i in range(count)]
 
 
 def thumbnails(
@@ -253,7 +314,8 @@ def thumbnails(
     columns: int = 6,
     title: str = "",
 ) -> Path:
-    """A grid of 2D pictures (already oriented), each titled; ``outline`` contoured on each."""
+    """A grid of 2D pictures (already oriented), each titled (long names wrapped at ``_``);
+    ``outline`` contoured on each. The caller bounds the number of pictures (see :func:`pages`)."""
     n = max(len(pictures), 1)
     columns = min(columns, n)
     rows = math.ceil(n / columns)
@@ -271,7 +333,7 @@ def thumbnails(
         ax.imshow(picture, cmap="gray", vmin=vmin, vmax=vmax, origin="lower")
         if outline is not None and outline.min() != outline.max():
             ax.contour(outline.astype(float), levels=[0.5], colors="#00e5ff", linewidths=0.7)
-        ax.set_title(name, color="white", fontsize=7)
+        ax.set_title(wrap_label(name), color="white", fontsize=7)
     if title:
         fig.suptitle(title, color="white", fontsize=10)
     return save_figure(fig, path)

@@ -13,6 +13,7 @@ rebuilt from disk each time, so the last one lists everything.
 
 from __future__ import annotations
 
+import html.parser
 import json
 import logging
 from dataclasses import dataclass
@@ -222,3 +223,46 @@ def write_subject_report(config: RunConfig, subject: str, *, failures: Sequence[
         path = output_dir / f"sub-{subject}.html"
         write_text_atomic(path, html)
     return path
+
+
+class _ErrorText(html.parser.HTMLParser):
+    """The text of each ``<div class="error">`` inside ``<section id="errors">`` (subject.html)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.errors: list[str] = []
+        self._in_errors = False
+        self._depth = 0  # open <div>s inside the current error div
+        self._parts: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        values = dict(attrs)
+        if tag == "section":
+            self._in_errors = values.get("id") == "errors"
+        elif tag == "div" and self._depth:
+            self._depth += 1
+        elif tag == "div" and self._in_errors and "error" in (values.get("class") or "").split():
+            self._depth, self._parts = 1, []
+
+    def handle_endtag(self, tag):
+        if tag == "section":
+            self._in_errors = False
+        elif tag == "div" and self._depth:
+            self._depth -= 1
+            if not self._depth:
+                self.errors.append(" ".join("".join(self._parts).split()))
+
+    def handle_data(self, data):
+        if self._depth:
+            self._parts.append(data)
+
+
+def report_errors(path: Path) -> list[str]:
+    """The errors a participant report lists (its last participant-level run), as plain text;
+    ``[]`` when the report is missing or unreadable."""
+    try:
+        parser = _ErrorText()
+        parser.feed(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError):
+        return []
+    return parser.errors
