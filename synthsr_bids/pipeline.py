@@ -280,7 +280,7 @@ def process_scan(scan: ScanInput, *, config: RunConfig, network: Network, device
         outputs = _write_outputs(scan, paths, config=config, network=network, device=device, prov=prov)
         return ScanResult(scan, "written", outputs, time.perf_counter() - started)
     except BadInputError as exc:
-        return ScanResult(scan, "failed", (), time.perf_counter() - started, error=str(exc))
+        return ScanResult(scan, "failed", (), time.perf_counter() - started, error=str(exc) + _left_over(paths))
     except Exception as exc:  # one bad scan must not stop the others
         crash = _crash_file(config, scan)
         try:
@@ -296,9 +296,18 @@ def process_scan(scan: ScanInput, *, config: RunConfig, network: Network, device
             "failed",
             (),
             time.perf_counter() - started,
-            error=f"{scan.path}: unexpected {exc.__class__.__name__}: {exc}",
+            error=f"{scan.path}: unexpected {exc.__class__.__name__}: {exc}" + _left_over(paths),
             crash_file=crash,
         )
+
+
+def _left_over(paths: OutputPaths) -> str:
+    """For a failed scan: say that the outputs of an earlier, successful run of it are still there
+    (they do not describe the current file, and the group level would use them)."""
+    if not paths.sidecar.is_file():
+        return ""
+    return (f" The outputs of an earlier run of this scan ({paths.t1w.name} and its sidecar) are left in "
+            "place: delete them if they should not be used.")
 
 
 def prepare_output_dataset(config: RunConfig, scans: Sequence[ScanInput]) -> None:

@@ -353,6 +353,21 @@ def test_two_files_of_one_image_fail_both_instead_of_overwriting_each_other(tmp_
     assert written["Sources"] == ["bids:raw:sub-01/anat/sub-01_T2w.nii.gz"]
 
 
+def test_a_scan_that_fails_after_an_earlier_success_says_its_old_outputs_remain(tmp_path, models, caplog):
+    bids = build_clean_dataset(tmp_path / "ds", layout={
+        "sub-01/anat/sub-01_FLAIR.nii.gz": ("FLAIR", (1, 1, 3), "RAS")})
+    out = tmp_path / "out"
+    argv = [str(bids), str(out), "participant", "--model", str(models["random"]), "--skip-bids-validation",
+            "--nthreads", "1", "-w", str(tmp_path / "work")]
+    assert main(argv) == 0
+    source = bids / "sub-01" / "anat" / "sub-01_FLAIR.nii.gz"
+    source.write_bytes(source.read_bytes()[:300])  # replaced by a broken copy
+    with caplog.at_level(logging.INFO, logger="synthsr_bids"):
+        assert main(argv) == 1
+    assert ("is truncated or corrupt" in caplog.text and "The outputs of an earlier run of this scan "
+            "(sub-01_desc-synthsrFLAIR_T1w.nii.gz and its sidecar) are left in place" in caplog.text)
+
+
 def test_invalid_dataset_exits_16(tmp_path, models):
     bids = build_clean_dataset(tmp_path / "ds", layout={
         "sub-01/anat/sub-01_FLAIR.nii.gz": ("FLAIR", (1, 1, 3), "RAS")})
