@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from synthsr_bids.config import RunConfig
 from synthsr_bids.errors import (
@@ -132,13 +132,15 @@ def _filters_for(suffix: str, bids_filters: Mapping[str, Mapping[str, Any]]) -> 
     return merged
 
 
-def sidecar_filter_keys(bids_filters: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    """Keys of the BIDS filters that are not BIDS entities, i.e. JSON sidecar fields (e.g.
-    ``MagneticFieldStrength``): pybids can only query those from an index of every sidecar."""
+def sidecar_filter_keys(bids_filters: Mapping[str, Mapping[str, Any]], contrasts: Sequence[str]) -> list[str]:
+    """Keys of the filters that apply (``anat`` and the selected contrasts, as :func:`_filters_for`)
+    that are not BIDS entities, i.e. JSON sidecar fields (e.g. ``MagneticFieldStrength``): pybids can
+    only query those from an index of every sidecar. A reused fMRIPrep file's ``bold`` section does not count."""
     from bids.layout.models import Config
 
     entities = set(Config.load("bids").entities)
-    return sorted({key for selection in bids_filters.values() for key in (selection or {}) if key not in entities})
+    sections = ("anat", *(c.lower() for c in contrasts))
+    return sorted({key for section in sections for key in (bids_filters.get(section) or {}) if key not in entities})
 
 
 #: Bump when the way the index is built changes, so older saved indexes are not reused.
@@ -216,8 +218,10 @@ def _close(layout) -> None:
     manager.engine.dispose()
 
 
-#: an index build untouched for this long was killed (pybids writes its SQLite file as it goes)
-STALE_BUILD_SECONDS = 3600.0
+#: an index build untouched for this long was killed. pybids commits its SQLite file only after the
+#: whole walk of the dataset (and again after the sidecars), which can take hours on a very large
+#: dataset, so a live build may look untouched for that long: a day is far beyond any build.
+STALE_BUILD_SECONDS = 24 * 3600.0
 
 
 def sweep_stale_index_builds(database_dir: Path, *, older_than_s: float = STALE_BUILD_SECONDS) -> list[Path]:
@@ -316,7 +320,7 @@ def build_layout(config: RunConfig):
 
     # The sidecars are read only when a filter asks for one of their fields: reading them costs indexing
     # time on big datasets, and one malformed JSON file anywhere would stop every job.
-    sidecar_keys = sidecar_filter_keys(config.bids_filters)
+    sidecar_keys = sidecar_filter_keys(config.bids_filters, config.contrasts)
 
     def build(database_path: Path | None):
         indexer = BIDSLayoutIndexer(validate=False, ignore=ignore, index_metadata=bool(sidecar_keys))

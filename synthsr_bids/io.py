@@ -128,8 +128,26 @@ def _check_size(path: Path, shape: tuple[int, ...], zooms: tuple[float, ...]) ->
         )
 
 
-def load_scan(path: Path | str) -> LoadedScan:
-    """Load and check one NIfTI image (see module docstring)."""
+def _sniff_compression(path: Path) -> tuple[bool, bool]:
+    """``(gzip-compressed, a NIfTI-1/2 header inside)`` from the first bytes of ``path``."""
+    with path.open("rb") as handle:
+        start = handle.read(4)
+    gzipped = start[:2] == b"\x1f\x8b"
+    if gzipped:
+        try:
+            with gzip.open(path, "rb") as handle:
+                start = handle.read(4)
+        except (OSError, EOFError, zlib.error):
+            return True, False
+    sizes = {int.from_bytes(start, "little"), int.from_bytes(start, "big")} if len(start) == 4 else set()
+    return gzipped, bool(sizes & {348, 540})  # sizeof_hdr of NIfTI-1 / NIfTI-2
+
+
+def load_scan(path: Path | str, *, clip_outliers: bool = True) -> LoadedScan:
+    """Load and check one NIfTI image (see module docstring).
+
+    ``clip_outliers``: clip a few extreme voxels (:func:`clip_extreme_intensities`); off for CT,
+    whose Hounsfield window is applied later anyway."""
     path = Path(path)
     if path.is_symlink() and not path.exists():
         raise BadInputError(
@@ -152,15 +170,14 @@ def load_scan(path: Path | str) -> LoadedScan:
             "is a git-annex pointer file (an unlocked DataLad file whose content is not here).",
             "run `datalad get` on it, or exclude it with --bids-filter-file.",
         )
-    with path.open("rb") as handle:
-        gzipped = handle.read(2) == b"\x1f\x8b"
-    if gzipped != path.name.endswith(".gz"):
-        right = path.name[:-3] if path.name.endswith(".gz") else path.name + ".gz"
+    gzipped, nifti = _sniff_compression(path)
+    if nifti and gzipped != path.name.endswith(".gz"):
+        renamed = path.name[:-3] if path.name.endswith(".gz") else path.name + ".gz"
         raise BadInputError(
             path,
-            "is gzip-compressed although its name does not end in .gz." if gzipped
-            else "is not gzip-compressed although its name ends in .gz.",
-            f"rename it to {right} (and its JSON sidecar stays as it is).",
+            "is a gzip-compressed NIfTI file although its name does not end in .gz." if gzipped
+            else "is an uncompressed NIfTI file although its name ends in .gz.",
+            f"rename it to {renamed} (its JSON sidecar keeps its name).",
         )
     try:
         img = nib.load(str(path))
@@ -244,16 +261,17 @@ def load_scan(path: Path | str) -> LoadedScan:
         warnings.append(f"{n_bad} NaN/Inf voxels were set to 0")
         data = np.where(finite, data, 0.0)
     low, high = float(data.min()), float(data.max())
-    which = "its first volume: " if extra and extra[0] > 1 else ""
+    first_volume = "its first volume: " if extra and extra[0] > 1 else ""
     if high == low:
-        raise BadInputError(path, f"is constant ({which}every voxel is {low:g}); there is no image to synthesise from.",
+        raise BadInputError(path, f"is constant ({first_volume}every voxel is {low:g}); there is no image to synthesise from.",
                             "exclude it with --bids-filter-file.")
     if not np.isfinite(high - low):
         raise BadInputError(path, f"has intensities from {low:g} to {high:g}, a range too wide to compute with.",
                             "rescale it (e.g. fslmaths -div), or re-convert it from DICOM.")
-    data, clipped = clip_extreme_intensities(data)
-    if clipped:
-        warnings.append(clipped)
+    if clip_outliers:
+        data, clipped = clip_extreme_intensities(data)
+        if clipped:
+            warnings.append(clipped)
 
     axcodes = tuple(nib.orientations.aff2axcodes(affine))
     for message in warnings:
@@ -288,11 +306,9 @@ def save_nifti_atomic(
     """Write a NIfTI image atomically (temporary sibling + ``os.replace``; ``fsync``: see :func:`write_atomic`)."""
     img = nib.Nifti1Image(np.asarray(data, dtype=dtype), affine)
     img.header.set_xyzt_units("mm")
+    # A sheared affine has no quaternion form: the qform then approximates it (ITK, hence ANTs,
+    # refuses an image whose only transform is not orthonormal, so the approximation stays).
     img.set_qform(affine, code=xform_code)
-    if not np.allclose(img.header.get_qform(), affine, atol=1e-4):
-        # A sheared affine has no quaternion form: a qform would only approximate it, and tools
-        # that read the qform (ITK, hence ANTs) would place the image elsewhere. Only the sform then.
-        img.set_qform(affine, code=0)
     img.set_sform(affine, code=xform_code)
     write_atomic(path, lambda tmp: nib.save(img, str(tmp)), fsync=fsync)
 

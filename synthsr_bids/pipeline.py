@@ -182,7 +182,7 @@ def _write_outputs(
     from synthsr_bids.inference.predict import SynthesisOptions, resample_to_grid, synthesize
 
     started = time.perf_counter()
-    loaded = load_scan(scan.path)
+    loaded = load_scan(scan.path, clip_outliers=not config.inference.ct)
     load_seconds = time.perf_counter() - started
     options = SynthesisOptions(
         flip=config.inference.flip,

@@ -297,26 +297,30 @@ def test_job_that_loses_the_race_uses_the_winners_database(clean, tmp_path, monk
 
 def test_index_builds_of_killed_jobs_are_swept_once_stale(clean, tmp_path, caplog):
     """A job killed while indexing leaves its temporary folder; the next build removes it once
-    nothing in it changed for an hour, and leaves a build another job may still be writing."""
+    nothing in it changed for a day, and leaves a build another job may still be writing."""
     import time
 
     database = tmp_path / "db"
-    hour_ago = time.time() - 3700
+    day_ago = time.time() - 24 * 3600 - 100
     killed = database / ".layout-0123456789abcdef.tmp-4242-deadbeef"
     (killed / "sub").mkdir(parents=True)
     for path in (killed / "layout_index.sqlite", killed / "sub" / "x"):
         path.write_bytes(b"partial")
-        os.utime(path, (hour_ago, hour_ago))
+        os.utime(path, (day_ago, day_ago))
     for folder in (killed / "sub", killed):
-        os.utime(folder, (hour_ago, hour_ago))
+        os.utime(folder, (day_ago, day_ago))
     busy = database / ".layout-0123456789abcdef.tmp-4343-cafecafe"  # old folder, file written just now
     busy.mkdir()
-    os.utime(busy, (hour_ago, hour_ago))
+    os.utime(busy, (day_ago, day_ago))
     (busy / "layout_index.sqlite").write_bytes(b"growing")
+    walking = database / ".layout-0123456789abcdef.tmp-4444-beefbeef"  # pybids writes nothing while it walks
+    walking.mkdir()
+    hours_ago = time.time() - 5 * 3600
+    os.utime(walking, (hours_ago, hours_ago))
     with caplog.at_level(logging.INFO, logger="synthsr_bids"):
         found = find_scans(_config(clean, tmp_path, "--bids-database-dir", str(database)))
     assert _relpaths(found) == SUB01 + SUB02
-    assert not killed.exists() and busy.is_dir()
+    assert not killed.exists() and busy.is_dir() and walking.is_dir()
     assert f"removed {killed}" in caplog.text
     layouts = [name for name in _entries(database) if name.startswith("layout-")]
     assert len(layouts) == 1 and (database / layouts[0] / "layout_index.sqlite").is_file()
@@ -338,8 +342,9 @@ def test_a_malformed_sidecar_stops_no_job_unless_a_filter_reads_sidecars(tmp_pat
 
     filters = tmp_path / "filters.json"
     filters.write_text(json.dumps({"flair": {"MagneticFieldStrength": 3}}))
-    assert discovery.sidecar_filter_keys({"flair": {"MagneticFieldStrength": 3, "acquisition": "ax"}}) == [
-        "MagneticFieldStrength"]
+    assert discovery.sidecar_filter_keys({"flair": {"MagneticFieldStrength": 3, "acquisition": "ax"},
+                                          "bold": {"RepetitionTime": 2}}, ["FLAIR", "T2w"]) == ["MagneticFieldStrength"]
+    assert discovery.sidecar_filter_keys({"bold": {"RepetitionTime": 2}}, ["FLAIR"]) == []
     with pytest.raises(InputDataError) as error:
         find_scans(_config(root, tmp_path, "--bids-filter-file", str(filters)))
     assert "sub-03_FLAIR.json" in str(error.value)

@@ -98,18 +98,22 @@ def clip_extreme_intensities(data: np.ndarray) -> tuple[np.ndarray, str | None]:
     """Clip a few extreme voxels that would squeeze the image under min-max normalisation.
 
     The network sees the image min-max normalised (as mri_synthsr's). When all but the brightest
-    0.1 % of the voxels lie in the lowest tenth of the range (a few hot voxels from a conversion
-    error, a spike), the anatomy ends up nearly black; those voxels are then clipped at the 99.9th
-    percentile. Ordinary bright tissue (fat, vessels, CT bone) fills far more than 0.1 % of a head
-    volume, so ordinary images are returned unchanged. Returns the data and a note (None: unchanged).
+    0.1 % of the voxels above the image's minimum (the background is left out, so that a small
+    object in a large empty field of view counts as a whole) lie in the lowest tenth of the range
+    (a few hot voxels from a conversion error, a spike), the anatomy ends up nearly black; those
+    voxels are then clipped at that 99.9th percentile. Ordinary bright tissue (fat, vessels, bone)
+    fills far more than 0.1 % of a head, so ordinary images are returned unchanged. Returns the data
+    and a note (None: unchanged).
     """
     low, high = float(np.min(data)), float(np.max(data))
-    level = float(np.percentile(data, OUTLIER_PERCENTILE))
+    foreground = data[data > low]
+    level = float(np.percentile(foreground, OUTLIER_PERCENTILE)) if foreground.size else low
     # level == low: more than 99.9 % of the image is one value (a sparse mask?): clipping would erase it
     if not level > low or (level - low) >= OUTLIER_RANGE_SHARE * (high - low):
         return data, None
     n_clipped = int(np.count_nonzero(data > level))
-    note = (f"{n_clipped} extreme voxels (up to {high:.6g}; 99.9 % of the voxels are at most {level:.6g}) were "
+    note = (f"{n_clipped} extreme voxels (up to {high:.6g}; 99.9 % of the voxels above the minimum are at most "
+            f"{level:.6g}) were "
             f"clipped to {level:.6g}: min-max normalisation would have squeezed the anatomy into "
             f"{100 * (level - low) / (high - low):.2g} % of the intensity range")
     return np.minimum(data, level), note
