@@ -306,8 +306,8 @@ def _left_over(paths: OutputPaths) -> str:
     (they do not describe the current file, and the group level would use them)."""
     if not paths.sidecar.is_file():
         return ""
-    return (f" The outputs of an earlier run of this scan ({paths.t1w.name} and its sidecar) are left in "
-            "place: delete them if they should not be used.")
+    return (f" The outputs of an earlier run of this scan ({paths.t1w.name}, its sidecar and what was derived "
+            "from it) are left in place: delete them if they should not be used.")
 
 
 def prepare_output_dataset(config: RunConfig, scans: Sequence[ScanInput]) -> None:

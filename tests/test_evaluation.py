@@ -21,7 +21,7 @@ from synthsr_bids.evaluation.baselines import (
     upsample,
 )
 from synthsr_bids.evaluation.cases import EvalCase, find_patient_files, patient_cases, synthetic_cases
-from synthsr_bids.evaluation.ceiling import CEILING, flat_reference, kmeans_1d
+from synthsr_bids.evaluation.ceiling import FLAT_REFERENCE, flat_reference, kmeans_1d
 from synthsr_bids.evaluation.metrics import (
     MIN_SOURCE_CONTRAST,
     SSIM_SIGMA,
@@ -610,8 +610,8 @@ def test_cli_end_to_end_writes_table_and_json(tmp_path: Path, capsys):
     doc = json.loads(out.read_text())
     assert doc["schema"] == "synthsr-bids-evaluation/2"
     assert doc["model"]["path"] == str(model.resolve()) and len(doc["model"]["sha256"]) == 64
-    assert doc["methods"] == ["model", *BASELINES, CEILING] and "lesion" in doc["definitions"]
-    assert CEILING == "flat reference" and CEILING in doc["definitions"]  # the JSON key is unchanged
+    assert doc["methods"] == ["model", *BASELINES, FLAT_REFERENCE] and "lesion" in doc["definitions"]
+    assert FLAT_REFERENCE == "flat reference" and FLAT_REFERENCE in doc["definitions"]  # the JSON key is unchanged
     assert "flat 3-class reference" in table and "ceiling" not in table
     assert doc["skipped"] == []
     assert doc["settings"]["sharpen"] is False and doc["settings"]["flip"] is True
@@ -624,7 +624,7 @@ def test_cli_end_to_end_writes_table_and_json(tmp_path: Path, capsys):
         # The flat reference is scored against real references only (a synthetic one is already flat);
         # synthetic inputs were upsampled linearly by the generator: no cubic baselines (null).
         synthetic = case["group"] == "synthetic"
-        assert (CEILING in case["methods"]) == (not synthetic)
+        assert (FLAT_REFERENCE in case["methods"]) == (not synthetic)
         assert (case["methods"]["cubic"] is None and case["methods"]["cubic+map"] is None) == synthetic
         for method, scored in case["methods"].items():
             if scored is None:
@@ -660,7 +660,7 @@ def test_cli_end_to_end_writes_table_and_json(tmp_path: Path, capsys):
         assert by_name[name]["model"]["lesion"]["removed"] == pytest.approx(0.0, abs=1e-6)
     # The phantom T1 is three noisy constants, blurred: its flat rendering is close to it, the
     # same for every row (it depends on the reference only).
-    flat = {name: methods[CEILING]["brain"]["r"] for name, methods in by_name.items()}
+    flat = {name: methods[FLAT_REFERENCE]["brain"]["r"] for name, methods in by_name.items()}
     assert len(set(flat.values())) == 1 and 0.9 < flat["T1 1mm"] < 1.0
     t1 = by_name["T1 5mm ax"]
     assert t1["model"]["brain"]["r"] > 0.9

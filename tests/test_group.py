@@ -306,3 +306,14 @@ def test_registration_in_worker_processes(registration_case, tmp_path):
     assert [o.status for o in again] == ["skipped", "skipped"]
     assert [o.correlation for o in again] == [o.correlation for o in outcomes]
     assert [o.updated_sidecars for o in again] == [(), (jobs[1].warped_json.name,)]
+
+
+def test_scan_selection_ignores_the_labels_that_split_work_into_jobs():
+    """The tasks of a --per-session SLURM array each ran with --session-label X: not a different selection."""
+    from synthsr_bids.group.collect import ScanSelection
+
+    task = ScanSelection.from_config_dict({"contrasts": ["FLAIR"], "session_labels": ["1"],
+                                           "participant_labels": ["01"], "bids_filters": {}})
+    group = ScanSelection.from_config_dict({"contrasts": ["FLAIR"], "session_labels": [], "bids_filters": {}})
+    assert task == group and task.describe() == "--contrasts FLAIR"
+    assert ScanSelection.from_config_dict({"contrasts": ["T2w"]}) != group

@@ -365,7 +365,8 @@ def test_a_scan_that_fails_after_an_earlier_success_says_its_old_outputs_remain(
     with caplog.at_level(logging.INFO, logger="synthsr_bids"):
         assert main(argv) == 1
     assert ("is truncated or corrupt" in caplog.text and "The outputs of an earlier run of this scan "
-            "(sub-01_desc-synthsrFLAIR_T1w.nii.gz and its sidecar) are left in place" in caplog.text)
+            "(sub-01_desc-synthsrFLAIR_T1w.nii.gz, its sidecar and what was derived from it) are left in place"
+            in caplog.text)
 
 
 def test_invalid_dataset_exits_16(tmp_path, models):

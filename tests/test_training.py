@@ -179,6 +179,13 @@ def test_a_finished_run_continues_when_its_steps_are_raised(tmp_path: Path, volu
     assert longer.regression.learning_rate(4) > 2 * config.regression.lr_min
     rest = make_trainer(longer, volumes).run()
     assert (rest.stage, rest.global_step, rest.steps_this_session) == ("done", 6, 1)
+
+    # a segmentation-only run has no regression stage to continue: it says so
+    seg_only = tiny_config(tmp_path / "seg", seg_steps=2, reg_steps=0)
+    make_trainer(seg_only, volumes).run()
+    with caplog.at_level(logging.WARNING, logger="synthsr_bids.training"):
+        again = make_trainer(tiny_config(tmp_path / "seg", seg_steps=2, reg_steps=3), volumes).run()
+    assert again.steps_this_session == 0 and "trained a segmenter only" in caplog.text
     assert [int(r["global_step"]) for r in csv.DictReader((tmp_path / "run" / "loss.csv").open())] == [1, 2, 3, 4, 5, 6]
 
 

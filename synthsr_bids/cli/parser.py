@@ -141,7 +141,8 @@ def _add_downstream_options(parser: argparse.ArgumentParser) -> None:
         "--skip_reports",
         dest="skip_reports",
         action="store_true",
-        help="do not write the HTML reports (sub-<label>.html, group.html) and their figures",
+        help="do not write the HTML reports (sub-<label>.html, group.html) and their figures; at group "
+        "level an earlier group.html and its figures are removed (the group outputs describe this run only)",
     )
     downstream.add_argument(
         "--skip-segmentation",

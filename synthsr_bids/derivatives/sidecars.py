@@ -57,6 +57,15 @@ def provenance(
     }
 
 
+def read_provenance(sidecar: Path) -> dict[str, Any] | None:
+    """``SynthSR.Provenance`` of a sidecar written by this package (None when absent or unreadable)."""
+    try:
+        recorded = json.loads(sidecar.read_text()).get("SynthSR", {}).get("Provenance")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return recorded if isinstance(recorded, dict) else None
+
+
 def provenance_matches(sidecar: Path, expected: Mapping[str, Any]) -> bool:
     """True when ``sidecar`` exists, parses and records ``expected``.
 

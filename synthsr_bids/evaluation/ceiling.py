@@ -17,8 +17,8 @@ heavily on the number of classes (patient07, r / SSIM: 0.965 / 0.873 with 3 clas
 0.914 with 4, 0.986 / 0.950 with 6). It uses the reference, so it is an oracle, and it is only
 meaningful against a real image: a synthetic reference already is a flat rendering.
 
-The method keeps its historical name (:data:`CEILING` = ``"flat reference"``, the JSON key) for
-compatibility; tables call it "flat 3-class reference".
+Its JSON key stays ``"flat reference"`` (:data:`FLAT_REFERENCE`) for compatibility; tables call it
+"flat 3-class reference". (This module's name, ``ceiling``, is historical: it is not a bound.)
 
 Hand-written rather than taken from scikit-learn (not a dependency): Lloyd's algorithm in one
 dimension is a sort of the centres and a ``searchsorted`` per iteration.
@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["CEILING", "FLAT_CLASSES", "kmeans_1d", "flat_reference"]
+__all__ = ["FLAT_REFERENCE", "FLAT_CLASSES", "kmeans_1d", "flat_reference"]
 
-#: Method name (JSON key) of the flat 3-class reference; "CEILING" is historical, it is not a bound.
-CEILING = "flat reference"
+#: Method name (JSON key) of the flat 3-class reference.
+FLAT_REFERENCE = "flat reference"
 #: Tissue classes of the flat rendering (CSF, grey matter, white matter).
 FLAT_CLASSES = 3
 

@@ -34,7 +34,7 @@ from .cases import (
     patient_cases,
     synthetic_cases,
 )
-from .ceiling import CEILING
+from .ceiling import FLAT_REFERENCE
 from .degrade import DEFAULT_SLICE_PROFILE, SliceProfile
 from .metrics import (
     MIN_SOURCE_CONTRAST,
@@ -68,7 +68,7 @@ __all__ = [
 LOGGER = logging.getLogger(__name__)
 
 #: Methods in table order: the model, the baselines, then the flat 3-class reference (real references only).
-METHODS = ("model", *BASELINES, CEILING)
+METHODS = ("model", *BASELINES, FLAT_REFERENCE)
 EXPORT_HINT = (
     "Pass --model PATH (a .safetensors/.h5 file) or a registered name; to evaluate the model being trained, "
     "export its newest checkpoint with `python -m synthsr_bids.training export --config configs/default.toml "
@@ -287,10 +287,10 @@ def evaluate_case(case: EvalCase, model: Any, options: Any) -> CaseResult:
     baselines = baseline_predictions(case.input, reference, case.brain_mask, cubic=not case.input_upsampled)
     predictions = {"model": prediction, **baselines}
     if case.flat_reference is not None:  # real references only (see .ceiling)
-        predictions[CEILING] = case.flat_reference
+        predictions[FLAT_REFERENCE] = case.flat_reference
     scored = score_predictions(case, predictions, baselines["trilinear"])
     # Methods that do not apply are listed as None in table order (a flat reference is simply absent).
-    methods: dict[str, MethodResult | None] = {m: scored.get(m) for m in METHODS if m in scored or m != CEILING}
+    methods: dict[str, MethodResult | None] = {m: scored.get(m) for m in METHODS if m in scored or m != FLAT_REFERENCE}
     details = dict(case.details)
     note = _lesion_note(scored["model"].lesion)
     if note is not None:

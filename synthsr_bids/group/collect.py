@@ -22,7 +22,7 @@ import numpy as np
 
 from synthsr_bids.config import DEFAULT_CONTRASTS, RunConfig
 from synthsr_bids.derivatives.naming import output_paths
-from synthsr_bids.derivatives.sidecars import file_sha256
+from synthsr_bids.derivatives.sidecars import file_sha256, read_provenance
 from synthsr_bids.errors import NoInputError
 from synthsr_bids.group.qc import image_metrics
 from synthsr_bids.morphometry.images import SyntheticImage, find_synthetic_images
@@ -110,10 +110,7 @@ def select_images(config: RunConfig) -> list[SyntheticImage]:
 
 def recorded_image_sha256(sidecar: Path, key: str) -> str | None:
     """``SynthSR.Provenance[key]`` of a participant-level sidecar (``None`` when absent or unreadable)."""
-    try:
-        value = json.loads(sidecar.read_text())["SynthSR"]["Provenance"][key]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    value = (read_provenance(sidecar) or {}).get(key)
     return value if isinstance(value, str) else None
 
 
@@ -134,7 +131,9 @@ def made_from_image(path: Path, sidecar: Path, key: str, image: SyntheticImage, 
 
 def _rerun_command(image: SyntheticImage, option: str = "") -> str:
     session = f" --session-label {image.session}" if image.session else ""
-    return f"synthsr-bids BIDS_DIR OUTPUT_DIR participant --participant-label {image.subject}{session}{option}"
+    return (f"synthsr-bids BIDS_DIR OUTPUT_DIR participant --participant-label {image.subject}{session}{option} "
+            "plus the options that wrote the image (its model and settings are in its sidecar, the command "
+            "lines in logs/config-*.json), or the image is synthesised again")
 
 
 def segmentation_is_current(image: SyntheticImage, image_sha256: str) -> bool:
@@ -223,10 +222,11 @@ def find_missing(config: RunConfig, images: list[SyntheticImage]) -> tuple[list[
 # ---------------------------------------------------------------------------- scan selection
 @dataclass(frozen=True)
 class ScanSelection:
-    """The options that select raw scans (the rest of a run's configuration does not matter here)."""
+    """The options that select the kinds of raw scans (the rest of a run's configuration does not
+    matter here; neither do participant and session labels, which split the work into jobs, e.g.
+    the one-session tasks of a ``--per-session`` SLURM array)."""
 
     contrasts: tuple[str, ...]
-    session_labels: tuple[str, ...]
     bids_filters: str
     """Canonical JSON of ``--bids-filter-file``'s filters (``{}`` without one)."""
 
@@ -234,7 +234,6 @@ class ScanSelection:
     def from_config_dict(cls, values: dict[str, Any]) -> "ScanSelection":
         return cls(
             contrasts=tuple(values.get("contrasts") or DEFAULT_CONTRASTS),
-            session_labels=tuple(values.get("session_labels") or ()),
             bids_filters=json.dumps(values.get("bids_filters") or {}, sort_keys=True),
         )
 
@@ -245,8 +244,6 @@ class ScanSelection:
     def describe(self) -> str:
         parts = ["default --contrasts" if set(self.contrasts) == set(DEFAULT_CONTRASTS)
                  else "--contrasts " + " ".join(self.contrasts)]
-        if self.session_labels:
-            parts.append("--session-label " + " ".join(self.session_labels))
         if self.bids_filters != "{}":
             parts.append(f"--bids-filter-file with {self.bids_filters}")
         return ", ".join(parts)

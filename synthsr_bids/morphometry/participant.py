@@ -29,7 +29,7 @@ from synthsr_bids.config import RunConfig
 from synthsr_bids.progress import progress_bar
 from synthsr_bids.derivatives import dataset as shared_files
 from synthsr_bids.derivatives.naming import output_paths
-from synthsr_bids.derivatives.sidecars import file_sha256
+from synthsr_bids.derivatives.sidecars import file_sha256, read_provenance
 from synthsr_bids.io import is_nonempty_file, save_nifti_atomic, write_json_atomic, write_text_atomic
 from synthsr_bids.morphometry.images import (
     SyntheticImage,
@@ -89,18 +89,9 @@ def segmentation_description(contrast: str) -> str:
     )
 
 
-def _read_provenance(sidecar: Path) -> dict[str, Any] | None:
-    import json
-
-    try:
-        return json.loads(sidecar.read_text()).get("SynthSR", {}).get("Provenance")
-    except (OSError, ValueError, AttributeError):
-        return None
-
-
 def _is_done(paths: Sequence[Path], sidecar: Path, provenance: dict[str, Any], overwrite: bool) -> bool:
     # a file left empty by a machine crash is never taken as done
-    return not overwrite and all(is_nonempty_file(p) for p in paths) and _read_provenance(sidecar) == provenance
+    return not overwrite and all(is_nonempty_file(p) for p in paths) and read_provenance(sidecar) == provenance
 
 
 # ---------------------------------------------------------------------------- lesions

@@ -715,6 +715,9 @@ class Trainer:
                 self.regressor, self.reg_opt = None, None
                 torch.set_rng_state(self._torch_rng(state))
                 LOGGER.info("resumed from %s: stage done (segmentation only)", path)
+                if self.config.regression.steps > 0:
+                    LOGGER.warning("%s: this run trained a segmenter only; [regression].steps does not add a "
+                                   "regression stage to it: start a new [run].dir that uses its segmenter", path)
                 return
             self._new_regressor()
             assert self.regressor is not None and self.reg_opt is not None
