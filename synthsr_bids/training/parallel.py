@@ -27,11 +27,9 @@ worker cannot exploit; a flat ``all_reduce`` after ``backward`` is all this need
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import signal
-import socket
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["RANK_SEED_STRIDE", "SINGLE", "ProcessGroup", "WorkerFailed", "free_port", "launch"]
+__all__ = ["RANK_SEED_STRIDE", "SINGLE", "ProcessGroup", "WorkerFailed", "launch"]
 
 #: Generator seed offset between workers (rank 0: the configured seed itself).
 RANK_SEED_STRIDE = 1_000_003
@@ -138,13 +136,6 @@ class WorkerFailed(RuntimeError):
     """A data-parallel worker died or raised (its own log has the details); the others were stopped."""
 
 
-def free_port() -> int:
-    """An unused TCP port on 127.0.0.1 for the workers' rendezvous."""
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 #: How long a worker waits in a collective for the others (rank 0 alone validates and writes checkpoints,
 #: seconds to a minute; a worker that died is noticed at once through its closed connection).
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=1)
@@ -152,8 +143,11 @@ COLLECTIVE_TIMEOUT = datetime.timedelta(hours=1)
 
 def _worker(rank: int, world: int, port: int, target: Callable[[ProcessGroup], Any]) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=COLLECTIVE_TIMEOUT)
+    # The rendezvous store is served by the launcher (see launch), not by rank 0: under load a worker
+    # whose store host had already exited aborted in its teardown ("terminate called without an
+    # active exception", SIGABRT), failing a run that had finished cleanly.
+    store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=COLLECTIVE_TIMEOUT)
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     target(ProcessGroup(rank=rank, world=world))
     # Leave together: a worker that tears its connections down while another still works aborts in gloo.
     # (A worker that raised skips this; torch.multiprocessing then stops the others.)
@@ -173,7 +167,9 @@ def launch(target: Callable[[ProcessGroup], Any], processes: int) -> None:
         return
     import torch.multiprocessing as mp
 
-    context = mp.start_processes(_worker, args=(processes, free_port(), target), nprocs=processes, join=False,
+    # The launcher outlives every worker, so it serves their rendezvous store (port chosen by the OS).
+    store = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False, timeout=COLLECTIVE_TIMEOUT)
+    context = mp.start_processes(_worker, args=(processes, store.port, target), nprocs=processes, join=False,
                                  start_method="spawn")
 
     def forward(signum: int, _frame: object) -> None:
@@ -192,3 +188,4 @@ def launch(target: Callable[[ProcessGroup], Any], processes: int) -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        del store  # only now: every worker has ended
