@@ -6,7 +6,9 @@ import csv
 import dataclasses
 import hashlib
 import json
+import logging
 import math
+import os
 import signal
 import subprocess
 import sys
@@ -22,7 +24,7 @@ from safetensors.torch import load_file
 from synthsr_bids.training.config import ConfigError, load_config
 from synthsr_bids.training.labels import label_volume_from_array, load_label_scheme
 from synthsr_bids.training.loop import Trainer, latest_checkpoint
-from synthsr_bids.training.parallel import SINGLE, ProcessGroup, launch
+from synthsr_bids.training.parallel import SINGLE, ProcessGroup, WorkerFailed, launch
 from synthsr_bids.training.phantoms import head_phantom
 
 
@@ -94,6 +96,29 @@ def test_workers_take_the_sparse_segmenter_loss_on_the_same_steps(tmp_path: Path
         assert reg[0] is not None and reg[1] is None and reg[2] is not None
     rows = [r for r in csv.DictReader((tmp_path / "run" / "loss.csv").open()) if r["stage"] == "regression"]
     assert [r["dice_loss"] == "" for r in rows] == [False, True, False]
+
+
+def _finish_then_abort_in_teardown(out: Path, group: ProcessGroup) -> None:
+    (out / f"done{group.rank}").write_text("1")
+    if group.rank == 1:  # as torch/gloo under load: "terminate called without an active exception"
+        torch.distributed.destroy_process_group = os.abort
+
+
+def _abort_during_work(out: Path, group: ProcessGroup) -> None:
+    if group.rank == 1:
+        os.abort()
+    (out / f"done{group.rank}").write_text("1")
+
+
+def test_a_worker_aborting_in_teardown_after_the_work_is_not_a_failure(tmp_path: Path, caplog):
+    import functools
+
+    with caplog.at_level(logging.WARNING, logger="synthsr_bids.training"):
+        launch(functools.partial(_finish_then_abort_in_teardown, tmp_path), 2)
+    assert (tmp_path / "done0").is_file() and (tmp_path / "done1").is_file()
+    assert "ended abnormally while shutting down" in caplog.text
+    with pytest.raises(WorkerFailed, match="SIGABRT"):
+        launch(functools.partial(_abort_during_work, tmp_path / "x"), 2)
 
 
 def test_single_group_is_a_no_op():

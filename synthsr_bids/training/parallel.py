@@ -28,6 +28,7 @@ worker cannot exploit; a flat ``all_reduce`` after ``backward`` is all this need
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import signal
 from collections.abc import Callable, Iterable, Sequence
@@ -37,6 +38,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+LOGGER = logging.getLogger(__name__)
 
 __all__ = ["RANK_SEED_STRIDE", "SINGLE", "ProcessGroup", "WorkerFailed", "launch"]
 
@@ -141,6 +144,10 @@ class WorkerFailed(RuntimeError):
 COLLECTIVE_TIMEOUT = datetime.timedelta(hours=1)
 
 
+#: store key prefix a worker sets once its work is done and the final barrier passed
+FINISHED_KEY = "synthsr_bids/finished"
+
+
 def _worker(rank: int, world: int, port: int, target: Callable[[ProcessGroup], Any]) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     # The rendezvous store is served by the launcher (see launch), not by rank 0: under load a worker
@@ -152,6 +159,7 @@ def _worker(rank: int, world: int, port: int, target: Callable[[ProcessGroup], A
     # Leave together: a worker that tears its connections down while another still works aborts in gloo.
     # (A worker that raised skips this; torch.multiprocessing then stops the others.)
     dist.barrier()
+    store.set(f"{FINISHED_KEY}/{rank}", "1")  # every file is written: see launch
     dist.destroy_process_group()
 
 
@@ -184,6 +192,14 @@ def launch(target: Callable[[ProcessGroup], Any], processes: int) -> None:
     except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
         # The worker's traceback is in the message (and in train.log); its last line says what happened.
         lines = str(exc).strip().splitlines()
+        if isinstance(exc, mp.ProcessExitedException) and store.check(
+                [f"{FINISHED_KEY}/{rank}" for rank in range(processes)]):
+            # Under load a worker has been seen to abort in torch/gloo's teardown ("terminate called
+            # without an active exception") after every worker had finished its work and left the
+            # final barrier: the run itself (checkpoint, logs) is complete, so it did not fail.
+            LOGGER.warning("a training worker ended abnormally while shutting down (%s), after every worker had "
+                           "finished: the run's files are complete", lines[-1] if lines else exc)
+            return
         raise WorkerFailed(f"a training worker failed: {lines[-1] if lines else exc}") from exc
     finally:
         for s, handler in previous.items():
