@@ -47,19 +47,20 @@ def test_truncated_gzip(tmp_path):
         load_scan(path)
 
 
-def test_compression_that_contradicts_the_name_says_to_rename(tmp_path):
-    path = _save(tmp_path, np.random.rand(6, 6, 6), np.eye(4), name="sub-01_T2w.nii")
-    plain = path.with_name("sub-02_T2w.nii.gz")
-    path.rename(plain)
-    with pytest.raises(BadInputError, match=r"uncompressed NIfTI file although its name ends in \.gz\. "
-                                            r"Fix: rename it to sub-02_T2w\.nii "):
-        load_scan(plain)
-    packed = _save(tmp_path, np.random.rand(6, 6, 6), np.eye(4), name="sub-03_T2w.nii.gz")
-    misnamed = packed.with_name("sub-03_T2w.nii")
-    packed.rename(misnamed)
-    with pytest.raises(BadInputError, match=r"is a gzip-compressed NIfTI file although .* Fix: rename it to "
-                                            r"sub-03_T2w\.nii\.gz "):
-        load_scan(misnamed)
+@pytest.mark.parametrize("saved,misnamed,message", [
+    ("sub-01_T2w.nii", "sub-01_T2w.nii.gz",
+     r"uncompressed NIfTI file although its name ends in \.gz\. Fix: rename it to sub-01_T2w\.nii "),
+    ("sub-03_T2w.nii.gz", "sub-03_T2w.nii",
+     r"is a gzip-compressed NIfTI file although .* Fix: rename it to sub-03_T2w\.nii\.gz "),
+])
+def test_compression_that_contradicts_the_name_says_to_rename(tmp_path, saved, misnamed, message):
+    path = _save(tmp_path, np.random.rand(6, 6, 6), np.eye(4), name=saved)
+    path.rename(tmp_path / misnamed)
+    with pytest.raises(BadInputError, match=message):
+        load_scan(tmp_path / misnamed)
+
+
+def test_a_file_that_is_not_nifti_gets_no_renaming_advice(tmp_path):
     # not NIfTI under either reading (e.g. a git-lfs pointer): no renaming advice
     pointer = tmp_path / "sub-04_T2w.nii.gz"
     pointer.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:0123\nsize 12345\n")
