@@ -150,9 +150,8 @@ FINISHED_KEY = "synthsr_bids/finished"
 
 def _worker(rank: int, world: int, port: int, target: Callable[[ProcessGroup], Any]) -> None:
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    # The rendezvous store is served by the launcher (see launch), not by rank 0: under load a worker
-    # whose store host had already exited aborted in its teardown ("terminate called without an
-    # active exception", SIGABRT), failing a run that had finished cleanly.
+    # The rendezvous store is served by the launcher (see launch), which outlives every worker: after a
+    # worker died it can still read which workers had finished their work.
     store = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=COLLECTIVE_TIMEOUT)
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world, timeout=COLLECTIVE_TIMEOUT)
     target(ProcessGroup(rank=rank, world=world))
