@@ -129,10 +129,8 @@ def outlier_flags(rows: Sequence[Mapping[str, float]], metrics: Sequence[str] = 
     median, ``<metric>-`` below, ``template_corr<0.5`` for the correlation rule."""
     flags: list[list[str]] = [[] for _ in rows]
     for metric in metrics:
-        z = robust_z([float(row.get(metric, math.nan)) for row in rows], ABSOLUTE_FLOOR.get(metric, 0.0))
-        for index, value in enumerate(z):
-            if np.isfinite(value) and abs(value) > OUTLIER_Z:
-                flags[index].append(f"{metric}{'+' if value > 0 else '-'}")
+        for outlier in column_outliers(rows, [metric], ABSOLUTE_FLOOR.get(metric, 0.0)):
+            flags[outlier.row].append(f"{metric}{'+' if outlier.z > 0 else '-'}")
     for index, row in enumerate(rows):
         corr = float(row.get("template_corr", math.nan))
         if math.isfinite(corr) and corr < MIN_TEMPLATE_CORRELATION and "template_corr-" not in flags[index]:
